@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEFAULT_MODEL_DIR := build/models/default
+MODEL_DIR ?= $(DEFAULT_MODEL_DIR)
+RUNTIME ?= torch
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+# Nothing may be fetched from a model hub: everything is local.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install model serve test clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Builds the default model once; the script returns at once when it is already built.
+model: install
+	$(PY) build/build_default_model.py --out $(DEFAULT_MODEL_DIR)
+
+serve: install model
+	$(PY) -m llmserve.launcher --model-dir $(MODEL_DIR) --runtime $(RUNTIME) \
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+test: install model
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf build/run build/bench build/loadtest

@@ -1,0 +1,203 @@
+"""LLMEngine: one step = schedule -> run -> sample -> postprocess.
+
+Not thread-safe: one thread owns an engine (see `engine_loop.EngineLoop`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from llmserve.config import EngineConfig, SamplingParams
+from llmserve.detokenizer import IncrementalDetokenizer, TextUnit, decode
+from llmserve.errors import InvalidRequestError
+from llmserve.kv_cache import SlotAllocator
+from llmserve.output_buffer import Emission, OutputBuffer
+from llmserve.sampler import Sampler
+from llmserve.scheduler import Scheduler
+from llmserve.sequence import Sequence
+from llmserve.stop import StopStringMatcher
+from llmserve.tokenizer import encode_prompt, encode_text, load_tokenizer
+
+
+@dataclass(slots=True, frozen=True)
+class RequestOutput:
+    """What one sequence has to send after a step.
+
+    The text is `token_ids` decoded past its first `prefix_length` tokens, cut to
+    `text_length` chars when >= 0 (`detokenizer.decode_window`); `text` is that
+    same string, for in-process callers.
+    """
+
+    seq_id: int
+    request_id: str
+    token_ids: list[int]
+    prefix_length: int
+    text_length: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: Counter = field(default_factory=Counter)  # by finish reason
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, runner=None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.config = config
+        if runner is None:
+            from llmserve.model_runner import TorchModelRunner
+            runner = TorchModelRunner(config.model_dir, num_slots=config.max_num_seqs,
+                                      max_model_len=config.max_model_len, device=config.device,
+                                      dtype=config.dtype)
+        self.runner = runner
+        self.tokenizer = tokenizer or load_tokenizer(config.model_dir)
+        self._decoder = self.tokenizer.backend_tokenizer
+        self.max_model_len: int = runner.max_model_len
+        self.eos_ids = frozenset(runner.eos_token_ids or [self.tokenizer.eos_token_id])
+        self.scheduler = Scheduler(config, SlotAllocator(runner.num_slots))
+        self.sampler = Sampler()
+        self.stats = EngineStats()
+        self._sequences: dict[int, Sequence] = {}
+
+    # -- requests --------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return encode_prompt(self.tokenizer, text)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError naming the problem; safe to call from any thread."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty: at least one input token is required")
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequestError(f"input_ids must be token ids in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                                      f"{self.max_model_len} tokens")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens ({params.max_tokens}) + prompt tokens ({len(prompt_ids)}) exceeds the model's "
+                f"context of {self.max_model_len} tokens: use max_tokens <= {self.max_model_len - len(prompt_ids)}")
+        if params.end_id is not None and params.end_id >= vocab:
+            raise InvalidRequestError(f"end_id must be a token id in [0, {vocab}), got {params.end_id}")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    stream: bool = True, echo_prompt: bool = False) -> Sequence:
+        self.validate(prompt_ids, params)
+        bad_word_ids = [ids for ids in (encode_text(self.tokenizer, w) for w in params.bad_words) if ids]
+        stop_ids = frozenset([params.end_id]) if params.end_id is not None else self.eos_ids
+        seq = Sequence(request_id, prompt_ids, params, stream=stream, stop_ids=stop_ids,
+                       bad_word_ids=bad_word_ids)
+        seq.detokenizer = IncrementalDetokenizer(self._decoder, seq.ids, len(prompt_ids))
+        seq.output = OutputBuffer(StopStringMatcher(params.stop) if params.stop else None)
+        if echo_prompt:
+            seq.output.add(TextUnit(0, 0, len(prompt_ids), decode(self._decoder, prompt_ids)), check_stop=False)
+        self.scheduler.add(seq)
+        self._sequences[seq.seq_id] = seq
+        self.stats.prompt_tokens += len(prompt_ids)
+        return seq
+
+    def abort(self, seq_id: int) -> RequestOutput | None:
+        """Stop a sequence now and free its slot; its final output says `cancelled`."""
+        seq = self._sequences.get(seq_id)
+        return None if seq is None else self._finish(seq, "cancelled")
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        ids = [s.seq_id for s in self._sequences.values() if s.request_id == request_id]
+        return [out for out in map(self.abort, ids) if out is not None]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._sequences)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step ----------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        for group in (batch.prefill, batch.decode):
+            if not group:
+                continue
+            logits = self.runner.forward([s.slot for s in group], [s.pending_ids for s in group],
+                                         [s.num_cached for s in group])
+            tokens = self.sampler(logits, group)
+            for seq, token in zip(group, tokens):
+                seq.num_cached = len(seq.ids)
+                out = self._postprocess(seq, token)
+                if out is not None:
+                    outputs.append(out)
+        if batch:
+            self.stats.steps += 1
+        return outputs
+
+    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput | None:
+        params = seq.params
+        if token in seq.stop_ids:  # the sampler bans these before min_tokens
+            return self._finish(seq, "stop")
+        seq.append(token)
+        self.stats.generated_tokens += 1
+        unit = seq.detokenizer.step()
+        if unit is not None and seq.output.add(unit, check_stop=seq.num_output_tokens >= params.min_tokens):
+            return self._finish(seq, "stop", stop_matched=True)
+        if seq.num_output_tokens >= params.max_tokens:
+            return self._finish(seq, "length")
+        if seq.stream:
+            emission = seq.output.take()
+            if emission is not None:
+                return self._output(seq, emission)
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_matched: bool = False) -> RequestOutput:
+        if reason != "cancelled" and not stop_matched:
+            unit = seq.detokenizer.flush()
+            if unit is not None and seq.output.add(unit, check_stop=seq.num_output_tokens >= seq.params.min_tokens):
+                reason = "stop"
+            seq.output.finish()
+        self.scheduler.finish(seq)
+        del self._sequences[seq.seq_id]
+        seq.finish_reason = reason
+        self.stats.finished[reason] += 1
+        emission = seq.output.take() if reason != "cancelled" else None
+        return self._output(seq, emission, finish_reason=reason)
+
+    def _output(self, seq: Sequence, emission: Emission | None, finish_reason: str | None = None) -> RequestOutput:
+        if emission is None:
+            ids, prefix_length, text_length, text = [], 0, -1, ""
+        else:
+            ids = seq.ids[emission.prefix_offset:emission.end_offset]
+            prefix_length = emission.read_offset - emission.prefix_offset
+            text_length, text = emission.text_length, emission.text
+        return RequestOutput(seq.seq_id, seq.request_id, ids, prefix_length, text_length, text,
+                             finish_reason is not None, finish_reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens)
+
+    # -- in-process use --------------------------------------------------------------
+
+    def generate(self, prompts: Iterable[str], params: SamplingParams) -> list[str]:
+        """Run prompts to completion in one batch and return their texts (tests, benchmarks)."""
+        seqs = [self.add_request(str(i), self.encode(p), params, stream=False) for i, p in enumerate(prompts)]
+        texts = {s.seq_id: "" for s in seqs}
+        while any(s.finish_reason is None for s in seqs):
+            for out in self.step():
+                if out.seq_id in texts:
+                    texts[out.seq_id] += out.text
+        return [texts[s.seq_id] for s in seqs]

@@ -1,0 +1,162 @@
+"""The engine on its own thread, fed by a server's request threads.
+
+`submit` validates in the caller's thread (so a bad request is answered at
+once) and queues; the loop thread admits queued requests before each step and
+hands every output to one `send` callback. Requests are handled by an opaque
+handle (a Triton response sender, a queue in tests). Every request ends with a
+final output, cancelled and failed ones too.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmserve.config import SamplingParams
+from llmserve.engine import LLMEngine, RequestOutput
+from llmserve.errors import OverloadedError
+
+log = logging.getLogger(__name__)
+
+Handle = Any
+
+
+@dataclass(slots=True, frozen=True)
+class _Add:
+    handle: Handle
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    echo_prompt: bool
+
+
+@dataclass(slots=True, frozen=True)
+class _Abort:
+    request_id: str | None = None
+    seq_id: int | None = None
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, send: Callable[[Handle, RequestOutput], None],
+                 fail: Callable[[Handle, Exception], None], *,
+                 is_cancelled: Callable[[Handle], bool] | None = None,
+                 cancel_check_interval: float = 0.05,
+                 after_step: Callable[[LLMEngine], None] | None = None) -> None:
+        self.engine = engine
+        self._send = send
+        self._fail = fail
+        self._is_cancelled = is_cancelled
+        self._cancel_check_interval = cancel_check_interval
+        self._after_step = after_step
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._handles: dict[int, Handle] = {}  # seq_id -> handle, owned by the loop thread
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, handle: Handle, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+               stream: bool = True, echo_prompt: bool = False) -> None:
+        """Queue a request; raises InvalidRequestError/OverloadedError in the caller's thread."""
+        if self._stopping:
+            raise OverloadedError("the engine is shutting down")
+        self.engine.validate(prompt_ids, params)
+        limit = self.engine.config.max_queued_requests
+        if self.engine.num_waiting + self._inbox.qsize() >= limit:
+            raise OverloadedError(f"server overloaded: more than {limit} requests waiting for a slot")
+        self._inbox.put(_Add(handle, request_id, prompt_ids, params, stream, echo_prompt))
+
+    def abort_request(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id=request_id))
+
+    def abort_sequence(self, seq_id: int) -> None:
+        self._inbox.put(_Abort(seq_id=seq_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; every request still open gets its final `cancelled` output."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- the loop thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_cancel_check = time.monotonic()
+        while True:
+            if not self._drain_inbox(block=not self.engine.has_unfinished()):
+                break
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug in a step must not take every other request down
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out)
+            if self._after_step is not None:
+                self._after_step(self.engine)
+            if self._is_cancelled is not None and time.monotonic() >= next_cancel_check:
+                next_cancel_check = time.monotonic() + self._cancel_check_interval
+                for seq_id, handle in list(self._handles.items()):
+                    if self._is_cancelled(handle):
+                        self._abort(_Abort(seq_id=seq_id))
+        for seq_id in list(self._handles):
+            self._abort(_Abort(seq_id=seq_id))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False once shutdown was asked."""
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if item is None:
+                return False
+            if isinstance(item, _Add):
+                self._add(item)
+            else:
+                self._abort(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, item: _Add) -> None:
+        try:
+            seq = self.engine.add_request(item.request_id, item.prompt_ids, item.params,
+                                          stream=item.stream, echo_prompt=item.echo_prompt)
+        except Exception as exc:
+            self._fail(item.handle, exc)
+            return
+        self._handles[seq.seq_id] = item.handle
+
+    def _abort(self, item: _Abort) -> None:
+        if item.seq_id is not None:
+            out = self.engine.abort(item.seq_id)
+            outputs = [out] if out is not None else []
+        else:
+            outputs = self.engine.abort_request(item.request_id)
+        for out in outputs:
+            self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        handle = self._handles.pop(out.seq_id) if out.finished else self._handles[out.seq_id]
+        try:
+            self._send(handle, out)
+        except Exception:  # a client that went away must not stop the loop
+            log.exception("sending a response for request %r failed", out.request_id)
+            if not out.finished:
+                self._abort(_Abort(seq_id=out.seq_id))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq_id, handle in list(self._handles.items()):
+            self.engine.abort(seq_id)
+            del self._handles[seq_id]
+            self._fail(handle, RuntimeError(f"generation failed: {exc}"))

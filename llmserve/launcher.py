@@ -1,0 +1,198 @@
+"""Find and run a real `tritonserver` for the model repository.
+
+Outside the NGC container the binary and its Python backend come from the
+`nvidia-pytriton` wheel. Two things make it load our models there:
+- the Python backend stub for the running Python must sit in the backend folder;
+- the stub embeds CPython and finds its site-packages by looking up `python3` on
+  PATH, so the venv's bin goes first on PATH, and it links libpython from the
+  loader path, so the running Python's LIBDIR goes first on LD_LIBRARY_PATH
+  (the system's libpython can be a different patch release: `_PyModule_Add` errors).
+
+`python -m llmserve.launcher` runs a server in the foreground (`make serve`);
+`TritonServer` starts one on free ports for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
+
+
+@dataclass(slots=True, frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+
+
+def find_tritonserver() -> TritonInstall:
+    """$TRITONSERVER, the NGC container's server, or the one in the nvidia-pytriton wheel."""
+    if explicit := os.environ.get("TRITONSERVER"):
+        binary = Path(explicit)
+        return TritonInstall(binary, Path(os.environ.get("TRITON_BACKEND_DIR", binary.parents[1] / "backends")))
+    if NGC_TRITONSERVER.exists():
+        return TritonInstall(NGC_TRITONSERVER, NGC_TRITONSERVER.parents[1] / "backends")
+    try:
+        import pytriton
+    except ImportError:
+        raise FileNotFoundError("no tritonserver found: install the requirements (`make install`), "
+                                "run in the NGC Triton container, or set TRITONSERVER") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    install = TritonInstall(root / "bin" / "tritonserver", root / "backends")
+    _install_python_stub(root)
+    return install
+
+
+def _install_python_stub(root: Path) -> None:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise FileNotFoundError(f"the pytriton wheel has no Python backend stub for Python {version}")
+    target = root / "backends" / "python" / stub.name
+    if target.exists() and filecmp.cmp(stub, target, shallow=False):
+        return
+    # Copy then rename: two servers starting at once never see a half-written stub.
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        shutil.copyfile(stub, tmp.name)
+    os.chmod(tmp.name, 0o755)
+    os.replace(tmp.name, target)
+
+
+def server_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env.update(overrides or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(install: TritonInstall, model_repository: Path, grpc_port: int, http_port: int,
+                   metrics_port: int) -> list[str]:
+    return [str(install.binary), f"--model-repository={model_repository}",
+            f"--backend-directory={install.backend_dir}", f"--grpc-port={grpc_port}",
+            f"--http-port={http_port}", f"--metrics-port={metrics_port}", "--exit-timeout-secs=10",
+            "--log-verbose=0"]
+
+
+def model_env(model_dir: str | None = None, runtime: str | None = None, **extra: str | int) -> dict[str, str]:
+    """LLM_* variables the models read (see llmserve.settings)."""
+    env = {"LLM_MODEL_DIR": str(Path(model_dir).resolve()) if model_dir else None, "LLM_RUNTIME": runtime}
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in extra.items()})
+    return {k: v for k, v in env.items() if v}
+
+
+class TritonServer:
+    """A tritonserver process on free ports; a context manager that always stops it."""
+
+    def __init__(self, model_repository: str | os.PathLike = DEFAULT_MODEL_REPOSITORY, *,
+                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
+        self.model_repository = Path(model_repository)
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self._env = server_env(env)
+        self._log_path = Path(log_path) if log_path else None
+        self._log = None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 240.0) -> TritonServer:
+        install = find_tritonserver()
+        cmd = server_command(install, self.model_repository, self.grpc_port, self.http_port, self.metrics_port)
+        self._log = open(self._log_path, "wb") if self._log_path else tempfile.TemporaryFile()
+        self.process = subprocess.Popen(cmd, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, chars: int = 6000) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # the whole group: server and model stubs
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run tritonserver on the model repository (foreground).")
+    parser.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    parser.add_argument("--model-dir", default=None, help="Hugging Face model folder (default: the built model)")
+    parser.add_argument("--runtime", default=None, help="torch (default)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    args = parser.parse_args(argv)
+    install = find_tritonserver()
+    cmd = server_command(install, Path(args.model_repository).resolve(), args.grpc_port, args.http_port,
+                         args.metrics_port)
+    print(f"serving gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}",
+          file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, server_env(model_env(args.model_dir, args.runtime)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""In-flight batching: who runs this step.
+
+Every running sequence decodes one token per step; waiting requests are
+admitted at the next step while slots are free, their prompts prefilled within
+a token budget. Finished sequences leave at once and free their slot.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmserve.config import EngineConfig
+from llmserve.errors import OverloadedError
+from llmserve.kv_cache import SlotAllocator
+from llmserve.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    prefill: list[Sequence] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, slots: SlotAllocator) -> None:
+        self.config = config
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # kept in slot order: the runner attends over contiguous slices
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_queued_requests:
+            raise OverloadedError(f"server overloaded: {len(self.waiting)} requests already waiting "
+                                  f"for a slot (max_queued_requests={self.config.max_queued_requests})")
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch(decode=list(self.running))
+        budget = self.config.max_num_batched_tokens
+        while self.waiting and self.slots.num_free:
+            prompt_tokens = self.waiting[0].num_prompt_tokens
+            if batch.prefill and prompt_tokens > budget:
+                break  # the first always goes, however long, so no prompt starves
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.allocate()
+            seq.status = SequenceStatus.RUNNING
+            budget -= prompt_tokens
+            batch.prefill.append(seq)
+        if batch.prefill:
+            self.running.extend(batch.prefill)
+            self.running.sort(key=lambda s: s.slot)
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out of the engine, wherever it is, and free its slot."""
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.slots.free(seq.slot)
+            seq.slot = None
+        seq.status = SequenceStatus.FINISHED

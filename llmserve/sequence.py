@@ -1,0 +1,74 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from llmserve.config import SamplingParams
+from llmserve.detokenizer import IncrementalDetokenizer
+from llmserve.output_buffer import OutputBuffer
+
+_seq_ids = itertools.count(1)
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
+                 "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng", "token_counts",
+                 "seen_mask", "detokenizer", "output", "arrival_time")
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
+                 stop_ids: frozenset[int], bad_word_ids: list[list[int]],
+                 detokenizer: IncrementalDetokenizer | None = None, output: OutputBuffer | None = None) -> None:
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.params = params
+        self.stream = stream
+        self.ids = list(prompt_ids)  # prompt + generated; the detokenizer reads this same list
+        self.num_prompt_tokens = len(prompt_ids)
+        self.num_cached = 0  # tokens whose keys/values are in the slot's cache
+        self.slot: int | None = None
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_ids = stop_ids
+        self.bad_word_ids = bad_word_ids
+        # Its own generator: a seeded request samples the same tokens whatever shares its batch.
+        self.rng = np.random.default_rng(params.seed)
+        self.token_counts: torch.Tensor | None = None  # output-token counts, only when penalties are on
+        self.seen_mask: torch.Tensor | None = None  # prompt + output tokens, for repetition_penalty
+        self.detokenizer = detokenizer
+        self.output = output
+        self.arrival_time = time.monotonic()
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.ids[self.num_prompt_tokens:]
+
+    @property
+    def pending_ids(self) -> list[int]:
+        """Tokens to feed the model this step: the prompt (or its uncached rest), then the last token."""
+        return self.ids[self.num_cached:]
+
+    def append(self, token: int) -> None:
+        self.ids.append(token)
+        if self.token_counts is not None:
+            self.token_counts[token] += 1
+            self.seen_mask[token] = True
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, request_id={self.request_id!r}, status={self.status.value}, "
+                f"prompt={self.num_prompt_tokens}, output={self.num_output_tokens})")

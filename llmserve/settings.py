@@ -1,0 +1,36 @@
+"""Settings of the Triton models: config.pbtxt `parameters`, overridden by LLM_* environment variables.
+
+The environment wins so that `make serve MODEL_DIR=...` (and two servers side by
+side from one checkout) need no edits to the model repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = "build/models/default"  # relative to the repository root
+
+
+def model_parameter(args: dict, key: str, default: str = "") -> str:
+    """A model's setting: env LLM_<KEY> > config.pbtxt parameter > default."""
+    env = os.environ.get(f"LLM_{key.upper()}")
+    if env:
+        return env
+    params = json.loads(args["model_config"]).get("parameters", {})
+    value = params.get(key, {}).get("string_value", "")
+    return value if value and not value.startswith("${") else default
+
+
+def resolve_model_dir(args: dict) -> str:
+    """The Hugging Face model folder; relative paths are taken from the repository root."""
+    configured = model_parameter(args, "model_dir", DEFAULT_MODEL_DIR)
+    path = Path(configured)
+    if not path.is_absolute():
+        # args["model_repository"] is <repo>/model_repository/<model>
+        path = Path(args["model_repository"]).resolve().parents[1] / path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (config.json missing): build the default model with "
+                                f"`make model` or point MODEL_DIR at a Hugging Face model folder")
+    return str(path)

@@ -1,0 +1,116 @@
+"""Request tensors -> engine parameters, for the Triton adapters (numpy in, no pb_utils).
+
+Inputs arrive batched ([1, ...]: the models have max_batch_size > 0) and
+Triton has already checked their dtypes and ranks against config.pbtxt. What is
+left to check is here, with messages that name the offending input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmserve.config import SamplingParams
+from llmserve.errors import InvalidRequestError
+
+Inputs = Mapping[str, np.ndarray]
+
+# Output tensors the engine's RequestOutput maps to (llm -> postprocessing -> client).
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+def _one_request(inputs: Inputs) -> None:
+    for name, array in inputs.items():
+        if array.ndim == 0 or array.shape[0] != 1:
+            raise InvalidRequestError(f"input '{name}' has shape {list(array.shape)}: send one prompt per "
+                                      f"request, batch dimension 1 (shape [1, ...])")
+
+
+def _scalar(inputs: Inputs, name: str):
+    array = inputs.get(name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise InvalidRequestError(f"input '{name}' must hold one value, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _utf8(value: object, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bytes):
+        raise InvalidRequestError(f"input '{name}' must be UTF-8 text, got {type(value).__name__}")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"input '{name}' is not valid UTF-8: byte {value[exc.start]:#04x} at "
+                                  f"position {exc.start}") from None
+
+
+def _strings(inputs: Inputs, name: str) -> tuple[str, ...]:
+    array = inputs.get(name)
+    if array is None:
+        return ()
+    if array.dtype != np.object_:
+        raise InvalidRequestError(f"input '{name}' must be a list of strings (TYPE_STRING, shape [1, N])")
+    return tuple(s for s in (_utf8(v, name) for v in array.reshape(-1)) if s)
+
+
+def parse_text_input(inputs: Inputs) -> str:
+    """The prompt text of a `preprocessing` request."""
+    _one_request(inputs)
+    value = _scalar(inputs, "text_input")
+    if value is None:
+        raise InvalidRequestError("input 'text_input' is required")
+    text = _utf8(value, "text_input")
+    if not text:
+        raise InvalidRequestError("input 'text_input' is empty: send a non-empty prompt")
+    return text
+
+
+@dataclass(slots=True, frozen=True)
+class LLMRequest:
+    prompt_ids: list[int] | None  # None for a stop request
+    params: SamplingParams | None
+    stream: bool
+    echo_prompt: bool
+    stop: bool  # TensorRT-LLM's `stop`: end the running request(s) with this request id
+    sequence_id: int | None  # with stop: end this engine sequence (postprocessing's cancel path)
+
+
+def parse_llm_request(inputs: Inputs) -> LLMRequest:
+    _one_request(inputs)
+    if _scalar(inputs, "stop"):
+        seq_id = _scalar(inputs, "sequence_id")
+        return LLMRequest(None, None, False, False, True, None if seq_id is None else int(seq_id))
+    ids = inputs.get("input_ids")
+    if ids is None or ids.size == 0:
+        raise InvalidRequestError("input 'input_ids' is required and must not be empty")
+    max_tokens = _scalar(inputs, "max_tokens")
+    if max_tokens is None:
+        raise InvalidRequestError("input 'max_tokens' is required")
+    params = SamplingParams(
+        max_tokens=int(max_tokens),
+        **{name: kind(value) for name, kind in _SAMPLING_INPUTS.items()
+           if (value := _scalar(inputs, name)) is not None},
+        stop=_strings(inputs, "stop_words"),
+        bad_words=_strings(inputs, "bad_words"),
+    )
+    exclude_input = _scalar(inputs, "exclude_input_in_output")
+    return LLMRequest(
+        prompt_ids=ids.reshape(-1).astype(np.int64).tolist(),
+        params=params,
+        stream=bool(_scalar(inputs, "stream") or False),
+        echo_prompt=exclude_input is not None and not exclude_input,
+        stop=False,
+        sequence_id=None,
+    )
+
+
+_SAMPLING_INPUTS = {
+    "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float, "min_tokens": int, "seed": int, "end_id": int,
+}

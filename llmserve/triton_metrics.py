@@ -1,0 +1,67 @@
+"""Engine metrics on Triton's Prometheus endpoint (custom metrics API of the Python backend).
+
+Each update is an IPC to the server process, so gauges are only set when they
+change and counters are flushed at most every `interval` seconds (and when idle).
+"""
+
+from __future__ import annotations
+
+import time
+
+import triton_python_backend_utils as pb_utils
+
+from llmserve.engine import LLMEngine
+
+
+class EngineMetrics:
+    def __init__(self, labels: dict[str, str], interval: float = 0.05) -> None:
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self._gauges = {
+            "running": pb_utils.MetricFamily("llm_active_sequences", "Sequences generating now", gauge),
+            "waiting": pb_utils.MetricFamily("llm_waiting_sequences", "Requests waiting for a slot", gauge),
+            "kv": pb_utils.MetricFamily("llm_kv_cache_usage_ratio", "Share of KV-cache slots in use", gauge),
+        }
+        self._counters = {
+            "generated": pb_utils.MetricFamily("llm_generated_tokens_total", "Tokens generated", counter),
+            "prompt": pb_utils.MetricFamily("llm_prompt_tokens_total", "Prompt tokens admitted", counter),
+            "steps": pb_utils.MetricFamily("llm_engine_steps_total", "Engine steps (forward passes)", counter),
+        }
+        self._finished = pb_utils.MetricFamily("llm_requests_finished_total", "Requests finished, by reason",
+                                               counter)
+        self._labels = labels
+        self._metrics = {k: f.Metric(labels=labels) for k, f in {**self._gauges, **self._counters}.items()}
+        self._finished_metrics: dict[str, object] = {}
+        self._last: dict[str, float] = {}
+        self._interval = interval
+        self._next_flush = 0.0
+
+    def update(self, engine: LLMEngine) -> None:
+        stats = engine.stats
+        slots = engine.scheduler.slots
+        idle = not engine.has_unfinished()
+        self._set("running", engine.num_running)
+        self._set("waiting", engine.num_waiting)
+        self._set("kv", slots.num_used / slots.num_slots)
+        now = time.monotonic()
+        if now < self._next_flush and not idle:
+            return
+        self._next_flush = now + self._interval
+        self._add("generated", stats.generated_tokens)
+        self._add("prompt", stats.prompt_tokens)
+        self._add("steps", stats.steps)
+        for reason, count in stats.finished.items():
+            key = f"finished:{reason}"
+            if key not in self._metrics:
+                self._metrics[key] = self._finished.Metric(labels={**self._labels, "reason": reason})
+            self._add(key, count)
+
+    def _set(self, key: str, value: float) -> None:
+        if self._last.get(key) != value:
+            self._metrics[key].set(value)
+            self._last[key] = value
+
+    def _add(self, key: str, total: int) -> None:
+        delta = total - self._last.get(key, 0)
+        if delta:
+            self._metrics[key].increment(delta)
+            self._last[key] = total

@@ -1,0 +1,31 @@
+"""Helpers shared by the model.py adapters; imported only inside the Python backend stub."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from llmserve.errors import InvalidRequestError, OverloadedError
+
+
+def request_inputs(request) -> dict[str, np.ndarray]:
+    return {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+
+
+def error_response(exc: Exception):
+    if isinstance(exc, InvalidRequestError):
+        code, message = pb_utils.TritonError.INVALID_ARG, str(exc)
+    elif isinstance(exc, OverloadedError):
+        code, message = pb_utils.TritonError.UNAVAILABLE, str(exc)
+    else:
+        code, message = pb_utils.TritonError.INTERNAL, f"{type(exc).__name__}: {exc}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def string_tensor(name: str, value: str | bytes):
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return pb_utils.Tensor(name, np.array([[data]], dtype=np.object_))
+
+
+def int_tensor(name: str, value: int, dtype=np.int32):
+    return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))

@@ -1,0 +1,85 @@
+"""llm: the in-flight batching engine as a decoupled Triton model (thin adapter over llmserve).
+
+`execute` parses and hands requests to the engine thread and returns at once;
+the engine thread sends every response, from one place (`_send`).
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from llmserve.config import EngineConfig
+from llmserve.engine import LLMEngine, RequestOutput
+from llmserve.engine_loop import EngineLoop
+from llmserve.errors import InvalidRequestError
+from llmserve.settings import model_parameter, resolve_model_dir
+from llmserve.triton_io import parse_llm_request
+from llmserve.triton_metrics import EngineMetrics
+from llmserve.triton_pb import error_response, int_tensor, request_inputs, string_tensor
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        def setting(key, default, kind=str):
+            value = model_parameter(args, key, "")
+            return kind(value) if value else default
+
+        config = EngineConfig(
+            model_dir=resolve_model_dir(args),
+            runtime=setting("runtime", "torch"),
+            device=setting("device", "cpu"),
+            dtype=setting("dtype", "float32"),
+            max_num_seqs=setting("max_num_seqs", 64, int),
+            max_model_len=setting("max_model_len", None, int),
+            max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
+            max_queued_requests=setting("max_queued_requests", 256, int),
+        )
+        self.engine = LLMEngine(config)
+        self.metrics = EngineMetrics({"model": args["model_name"]})
+        self.loop = EngineLoop(self.engine, send=self._send, fail=self._fail,
+                               is_cancelled=lambda sender: sender.is_cancelled(),
+                               after_step=self.metrics.update)
+        self.loop.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_llm_request(request_inputs(request))
+                if parsed.stop:
+                    self._stop(request.request_id(), parsed.sequence_id)
+                    sender.send(flags=FINAL)
+                    continue
+                self.loop.submit(sender, request.request_id(), parsed.prompt_ids, parsed.params,
+                                 stream=parsed.stream, echo_prompt=parsed.echo_prompt)
+            except Exception as exc:
+                sender.send(error_response(exc), flags=FINAL)
+        return None
+
+    def _stop(self, request_id, sequence_id):
+        if sequence_id is not None:
+            self.loop.abort_sequence(sequence_id)
+        elif request_id:
+            self.loop.abort_request(request_id)
+        else:
+            raise InvalidRequestError("a stop request needs the request id of the request to stop "
+                                      "(or a sequence_id)")
+
+    def _send(self, sender, out: RequestOutput):
+        response = pb_utils.InferenceResponse([
+            pb_utils.Tensor("token_ids", np.array([out.token_ids], dtype=np.int32).reshape(1, -1)),
+            int_tensor("prefix_length", out.prefix_length),
+            int_tensor("text_length", out.text_length),
+            string_tensor("finish_reason", out.finish_reason or ""),
+            int_tensor("num_input_tokens", out.num_input_tokens),
+            int_tensor("num_output_tokens", out.num_output_tokens),
+            int_tensor("sequence_id", out.seq_id, np.uint64),
+        ])
+        sender.send(response, flags=FINAL if out.finished else 0)
+
+    def _fail(self, sender, exc):
+        sender.send(error_response(exc), flags=FINAL)
+
+    def finalize(self):
+        self.loop.shutdown()

@@ -1,0 +1,104 @@
+"""Shared fixtures: the default model (built once), a real tritonserver, test tokenizers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "build" / "models" / "default"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The built default model (built here if `make model` has not run)."""
+    model_dir = Path(os.environ.get("LLMSERVE_MODEL_DIR", DEFAULT_MODEL_DIR))
+    if not (model_dir / ".complete").exists() and model_dir == DEFAULT_MODEL_DIR:
+        subprocess.run([sys.executable, str(REPO_ROOT / "build" / "build_default_model.py"), "--out",
+                        str(model_dir)], check=True)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def engine_factory(default_model_dir):
+    """Build in-process engines on the default model: engine_factory(max_num_seqs=..., ...)."""
+    from llmserve.config import EngineConfig
+    from llmserve.engine import LLMEngine
+    from llmserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_dir)
+
+    def make(**overrides):
+        return LLMEngine(EngineConfig(model_dir=str(default_model_dir), **overrides), tokenizer=tokenizer)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def triton_server(default_model_dir, tmp_path_factory):
+    """A real tritonserver on free ports serving model_repository/, stopped at the end."""
+    from llmserve.launcher import TritonServer, model_env
+
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    server = TritonServer(env=model_env(str(default_model_dir)), log_path=log)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_CORPUS = [
+    "Once upon a time there was a little cat named Tom.",
+    "The café in Zürich served crème brûlée to naïve tourists.",
+    "日本語のテキストと中文文本 mixed with English words.",
+    "Emoji too: 🙂 🌟 🚀 and flags 🇫🇷 with spaces   and\ttabs.",
+    "  Leading spaces, trailing spaces  ",
+    "Numbers 12345 and punctuation!? (yes) \"quoted\" 'single'.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def bytelevel_tokenizer():
+    """A small GPT-2-style byte-level BPE tokenizer, trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer():
+    """A Llama-style tokenizer: Metaspace pieces with byte fallback, trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  limit_alphabet=60)
+    tok.train_from_iterator(_CORPUS, trainer)
+    # Byte tokens are ordinary vocabulary in Llama tokenizers (decode keeps them): rebuild with
+    # only the three control tokens special.
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+              for m in json.loads(tok.to_str())["model"]["merges"]]
+    llama = Tokenizer(models.BPE(vocab=tok.get_vocab(), merges=merges, byte_fallback=True, unk_token="<unk>"))
+    llama.pre_tokenizer, llama.decoder = tok.pre_tokenizer, tok.decoder
+    llama.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return llama

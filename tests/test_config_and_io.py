@@ -1,0 +1,89 @@
+"""Request validation: SamplingParams, EngineConfig and the Triton tensor parsing."""
+
+import numpy as np
+import pytest
+
+from llmserve.config import EngineConfig, SamplingParams
+from llmserve.errors import InvalidRequestError
+from llmserve.triton_io import parse_llm_request, parse_text_input
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"max_tokens": 8, "temperature": -0.1}, "temperature"),
+    ({"max_tokens": 8, "top_p": 0.0}, "top_p"),
+    ({"max_tokens": 8, "top_p": 1.5}, "top_p"),
+    ({"max_tokens": 8, "top_k": -1}, "top_k"),
+    ({"max_tokens": 8, "repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"max_tokens": 8, "presence_penalty": 3.0}, "presence_penalty"),
+    ({"max_tokens": 8, "min_tokens": 9}, "min_tokens"),
+    ({"max_tokens": 8, "temperature": float("nan")}, "temperature"),
+])
+def test_sampling_params_name_the_bad_field(kwargs, field):
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_drop_empty_stop_strings():
+    assert SamplingParams(max_tokens=4, stop=("", "END")).stop == ("END",)
+
+
+def test_engine_config_validates():
+    with pytest.raises(ValueError, match="runtime"):
+        EngineConfig(model_dir="x", runtime="tensorflow")
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(model_dir="x", max_num_seqs=0)
+
+
+def batched(value, dtype):
+    return np.array([[value]], dtype=dtype)
+
+
+def test_parse_text_input():
+    assert parse_text_input({"text_input": batched("héllo".encode(), object)}) == "héllo"
+    with pytest.raises(InvalidRequestError, match="empty"):
+        parse_text_input({"text_input": batched(b"", object)})
+    with pytest.raises(InvalidRequestError, match="UTF-8"):
+        parse_text_input({"text_input": batched(b"\xff\xfeabc", object)})
+    with pytest.raises(InvalidRequestError, match="required"):
+        parse_text_input({})
+    with pytest.raises(InvalidRequestError, match="batch dimension 1"):
+        parse_text_input({"text_input": np.array([[b"a"], [b"b"]], dtype=object)})
+
+
+def test_parse_llm_request():
+    request = parse_llm_request({
+        "input_ids": np.array([[5, 6, 7]], dtype=np.int32),
+        "max_tokens": batched(12, np.int32),
+        "temperature": batched(0.5, np.float32),
+        "top_k": batched(3, np.int32),
+        "seed": batched(2**63 + 5, np.uint64),
+        "stream": batched(True, bool),
+        "stop_words": np.array([[b"END", b"", "\n".encode()]], dtype=object),
+        "exclude_input_in_output": batched(False, bool),
+    })
+    assert request.prompt_ids == [5, 6, 7] and request.stream and request.echo_prompt
+    params = request.params
+    assert (params.max_tokens, params.top_k, params.seed) == (12, 3, 2**63 + 5)
+    assert params.temperature == pytest.approx(0.5)
+    assert params.stop == ("END", "\n")
+
+
+def test_parse_llm_request_errors():
+    ids = np.array([[1, 2]], dtype=np.int32)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        parse_llm_request({"input_ids": ids})
+    with pytest.raises(InvalidRequestError, match="input_ids"):
+        parse_llm_request({"max_tokens": batched(3, np.int32)})
+    with pytest.raises(InvalidRequestError, match="stop_words"):
+        parse_llm_request({"input_ids": ids, "max_tokens": batched(3, np.int32),
+                           "stop_words": np.array([[1, 2]], dtype=np.int32)})
+    with pytest.raises(InvalidRequestError, match="bad_words.*UTF-8"):
+        parse_llm_request({"input_ids": ids, "max_tokens": batched(3, np.int32),
+                           "bad_words": np.array([[b"\xc3"]], dtype=object)})
+
+
+def test_parse_stop_request():
+    request = parse_llm_request({"stop": batched(True, bool), "sequence_id": batched(42, np.uint64)})
+    assert request.stop and request.sequence_id == 42 and request.prompt_ids is None
