@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from llmserve.config import EngineConfig, SamplingParams
@@ -131,6 +132,7 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         outputs: list[RequestOutput] = []

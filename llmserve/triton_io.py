@@ -81,14 +81,8 @@ class LLMRequest:
     sequence_id: int | None  # with stop: end this engine sequence (postprocessing's cancel path)
 
 
-def parse_llm_request(inputs: Inputs) -> LLMRequest:
-    _one_request(inputs)
-    if _scalar(inputs, "stop"):
-        seq_id = _scalar(inputs, "sequence_id")
-        return LLMRequest(None, None, False, False, True, None if seq_id is None else int(seq_id))
-    ids = inputs.get("input_ids")
-    if ids is None or ids.size == 0:
-        raise InvalidRequestError("input 'input_ids' is required and must not be empty")
+def parse_generation(inputs: Inputs) -> tuple[SamplingParams, bool, bool]:
+    """(sampling params, stream, echo_prompt) of a generation request."""
     max_tokens = _scalar(inputs, "max_tokens")
     if max_tokens is None:
         raise InvalidRequestError("input 'max_tokens' is required")
@@ -100,14 +94,27 @@ def parse_llm_request(inputs: Inputs) -> LLMRequest:
         bad_words=_strings(inputs, "bad_words"),
     )
     exclude_input = _scalar(inputs, "exclude_input_in_output")
-    return LLMRequest(
-        prompt_ids=ids.reshape(-1).astype(np.int64).tolist(),
-        params=params,
-        stream=bool(_scalar(inputs, "stream") or False),
-        echo_prompt=exclude_input is not None and not exclude_input,
-        stop=False,
-        sequence_id=None,
-    )
+    return params, bool(_scalar(inputs, "stream") or False), exclude_input is not None and not exclude_input
+
+
+def parse_prompt_request(inputs: Inputs) -> str:
+    """Validate a whole ensemble request in `preprocessing` (the first step: errors come back fastest)
+    and return its prompt text."""
+    text = parse_text_input(inputs)
+    parse_generation(inputs)
+    return text
+
+
+def parse_llm_request(inputs: Inputs) -> LLMRequest:
+    _one_request(inputs)
+    if _scalar(inputs, "stop"):
+        seq_id = _scalar(inputs, "sequence_id")
+        return LLMRequest(None, None, False, False, True, None if seq_id is None else int(seq_id))
+    ids = inputs.get("input_ids")
+    if ids is None or ids.size == 0:
+        raise InvalidRequestError("input 'input_ids' is required and must not be empty")
+    params, stream, echo_prompt = parse_generation(inputs)
+    return LLMRequest(ids.reshape(-1).astype(np.int64).tolist(), params, stream, echo_prompt, False, None)
 
 
 _SAMPLING_INPUTS = {

@@ -6,14 +6,15 @@ Each architecture is saved with `save_pretrained` and compared with the HF model
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
-import pytest
-import torch
-import transformers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; never reach for the hub
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from llmserve.model_runner import TorchModelRunner  # noqa: E402
 from llmserve.models import load_model  # noqa: E402
@@ -24,7 +25,8 @@ LLAMA_DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
                   intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128)
 
 CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128),
+    "gpt2": lambda: transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128),
     # GQA, biases on q/k/v/o, linear RoPE scaling.
     "llama": lambda: transformers.LlamaConfig(
         **LLAMA_DIMS, attention_bias=True,
@@ -47,19 +49,35 @@ def _randomize_norms_and_biases(model: torch.nn.Module) -> None:
                 param.normal_(1.0, 0.1)
 
 
+@pytest.fixture(scope="module")
+def make_arch(tmp_path_factory):
+    """name -> (name, model_dir, HF reference model), each built once."""
+
+    @functools.cache
+    def make(name: str):
+        torch.manual_seed(0)
+        config = CONFIGS[name]()
+        config.initializer_range = 0.1  # larger than default, so logits are not all near zero
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        _randomize_norms_and_biases(model)
+        model_dir = tmp_path_factory.mktemp(name)
+        model.save_pretrained(model_dir)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+        return name, model_dir, ref
+
+    return make
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def arch(request, tmp_path_factory):
-    """(name, model_dir, HF reference model) for one architecture."""
-    torch.manual_seed(0)
-    config = CONFIGS[request.param]()
-    config.initializer_range = 0.1  # larger than default, so logits are not all near zero
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    _randomize_norms_and_biases(model)
-    model_dir = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(model_dir)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation="eager", dtype=torch.float32).eval()
-    return request.param, model_dir, ref
+def arch(request, make_arch):
+    return make_arch(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama(make_arch):
+    """For checks that do not depend on the architecture."""
+    return make_arch("llama")
 
 
 def _prompts(seed: int = 1) -> list[list[int]]:
@@ -78,7 +96,7 @@ def _assert_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def test_prefill_ragged_batch_matches_hf(arch):
-    name, model_dir, ref = arch
+    _, model_dir, ref = arch
     runner = TorchModelRunner(model_dir, num_slots=4)
     prompts = _prompts()
     logits = runner.forward([0, 1, 2], prompts, [0, 0, 0])
@@ -91,7 +109,7 @@ def test_prefill_ragged_batch_matches_hf(arch):
 
 
 def test_decode_steps_match_hf(arch):
-    name, model_dir, ref = arch
+    _, model_dir, ref = arch
     runner = TorchModelRunner(model_dir, num_slots=4)
     seqs = _prompts()
     logits = runner.forward([0, 1, 2], seqs, [0, 0, 0])
@@ -107,10 +125,24 @@ def test_decode_steps_match_hf(arch):
         _assert_close(torch.stack([step[i] for step in steps]), expected)
 
 
+def test_decode_with_equal_contexts_matches_hf(arch):
+    """Equal context lengths take the unmasked decode path."""
+    _, model_dir, ref = arch
+    runner = TorchModelRunner(model_dir, num_slots=2)
+    seqs = [p[:5] for p in _prompts()[:2]]
+    logits = runner.forward([0, 1], seqs, [0, 0])
+    for _ in range(2):
+        next_ids = logits.argmax(-1).tolist()
+        logits = runner.forward([0, 1], [[t] for t in next_ids], [len(seqs[0])] * 2)
+        seqs = [s + [t] for s, t in zip(seqs, next_ids)]
+    for row, seq in zip(logits, seqs):
+        _assert_close(row, _hf_logits(ref, seq)[-1])
+
+
 def test_chunked_prefill_matches_one_shot(arch):
-    name, model_dir, ref = arch
+    _, model_dir, ref = arch
     runner = TorchModelRunner(model_dir, num_slots=4)
-    long, other, _ = _prompts()[1], _prompts()[0], None
+    other, long, _ = _prompts()
     one_shot = runner.forward([3], [long], [0])[0]
     # Chunk 1 of `long` alongside another prompt; chunk 2 alongside that prompt's first decode.
     first = runner.forward([0, 1], [long[:6], other], [0, 0])
@@ -122,7 +154,7 @@ def test_chunked_prefill_matches_one_shot(arch):
 
 
 def test_noncontiguous_slots_match_contiguous(arch):
-    name, model_dir, ref = arch
+    _, model_dir, _ = arch
     results = []
     for slots in ([0, 1, 2], [5, 1, 3]):
         runner = TorchModelRunner(model_dir, num_slots=6)
@@ -137,7 +169,7 @@ def test_noncontiguous_slots_match_contiguous(arch):
 
 
 def test_reused_slot_ignores_stale_cache(arch):
-    name, model_dir, ref = arch
+    _, model_dir, ref = arch
     runner = TorchModelRunner(model_dir, num_slots=2)
     short, long, _ = _prompts()
     runner.forward([1], [long], [0])  # leaves stale K/V in slot 1 past len(short)
@@ -145,7 +177,7 @@ def test_reused_slot_ignores_stale_cache(arch):
 
 
 def test_max_model_len_and_overlong_errors(arch):
-    name, model_dir, ref = arch
+    name, model_dir, _ = arch
     limit = 64 if name == "mistral" else 128  # Mistral: capped to its sliding window
     assert TorchModelRunner(model_dir, num_slots=1).max_model_len == limit
     assert TorchModelRunner(model_dir, num_slots=1, max_model_len=10_000).max_model_len == limit
@@ -158,10 +190,8 @@ def test_max_model_len_and_overlong_errors(arch):
         runner.forward([0, 1], [[1], [2]], [3, 16])
 
 
-def test_invalid_arguments_raise(arch):
-    name, model_dir, ref = arch
-    if name != "llama":
-        pytest.skip("argument checks are architecture-independent")
+def test_invalid_arguments_raise(llama):
+    _, model_dir, _ = llama
     runner = TorchModelRunner(model_dir, num_slots=2)
     bad_calls = {
         "out of range": ([2], [[1]], [0]),
@@ -180,7 +210,7 @@ def test_invalid_arguments_raise(arch):
 
 
 def test_runner_metadata(arch):
-    name, model_dir, ref = arch
+    name, model_dir, _ = arch
     runner = TorchModelRunner(model_dir, num_slots=3, max_model_len=32)
     assert runner.vocab_size == VOCAB and runner.num_slots == 3
     kv_heads = 4 if name == "gpt2" else 2
@@ -190,14 +220,39 @@ def test_runner_metadata(arch):
     assert runner.eos_token_ids == expected_eos
 
 
-def test_eos_ids_from_generation_config(tmp_path, arch):
-    name, model_dir, ref = arch
-    if name != "llama":
-        pytest.skip("config parsing is architecture-independent")
+def test_eos_ids_from_generation_config(tmp_path, llama):
+    _, model_dir, _ = llama
     for file in model_dir.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 9]}))
     assert TorchModelRunner(tmp_path, num_slots=1).eos_token_ids == [7, 2, 9]
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("bfloat16", 0.1), ("float16", 0.02)])
+def test_half_precision_close_to_float32(llama, dtype, tolerance):
+    _, model_dir, _ = llama
+    prompts = _prompts()
+    expected = TorchModelRunner(model_dir, num_slots=3).forward([0, 1, 2], prompts, [0, 0, 0])
+    runner = TorchModelRunner(model_dir, num_slots=3, dtype=dtype)
+    assert runner.kv_cache.k[0].dtype == getattr(torch, dtype)
+    logits = runner.forward([0, 1, 2], prompts, [0, 0, 0])
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, atol=tolerance, rtol=0)
+
+
+def test_sharded_and_bin_checkpoints_load_the_same(tmp_path, arch):
+    _, model_dir, ref = arch
+    prompt = _prompts()[1]
+    expected = TorchModelRunner(model_dir, num_slots=1).forward([0], [prompt], [0])
+    sharded, bin_dir = tmp_path / "sharded", tmp_path / "bin"
+    ref.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    torch.save(ref.state_dict(), bin_dir / "pytorch_model.bin")
+    for directory in (sharded, bin_dir):
+        logits = TorchModelRunner(directory, num_slots=1).forward([0], [prompt], [0])
+        torch.testing.assert_close(logits, expected)
 
 
 def test_load_model_rejects_unsupported_type(tmp_path):

@@ -1,11 +1,16 @@
-"""preprocessing: prompt text -> token ids (thin adapter over llmserve)."""
+"""preprocessing: validate the request, prompt text -> token ids (thin adapter over llmserve).
+
+It receives every ensemble input, all optional: on Triton 2.51 an ensemble
+request that lacks a required input (but has enough others) would otherwise
+end with an empty response and no error.
+"""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llmserve.settings import resolve_model_dir
 from llmserve.tokenizer import encode_prompt, load_tokenizer
-from llmserve.triton_io import parse_text_input
+from llmserve.triton_io import parse_prompt_request
 from llmserve.triton_pb import error_response, request_inputs
 
 
@@ -17,7 +22,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                ids = encode_prompt(self.tokenizer, parse_text_input(request_inputs(request)))
+                ids = encode_prompt(self.tokenizer, parse_prompt_request(request_inputs(request)))
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32))]))
             except Exception as exc:

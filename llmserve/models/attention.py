@@ -1,0 +1,101 @@
+"""Slot-based KV cache and the attention op that reads and writes it.
+
+Every sequence owns one slot: a private region `[num_kv_heads, max_len, head_dim]` of each
+layer's K and V tensors. A forward call appends its new tokens' K/V at their positions, then
+attends over positions `[0, kv_len)` of the batch's slots, where `kv_len` is the longest
+context in the batch; per-sequence lengths and causality are enforced by a boolean mask.
+
+Each slot has one scratch position past `max_len`. Padding tokens of a ragged batch write
+their K/V there, so the write has a fixed shape (no data-dependent `nonzero`, hence no
+device sync) and never touches a position that is ever read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class SlotKVCache:
+    """Preallocated per-layer K and V tensors, each `[num_slots, num_kv_heads, max_len + 1, head_dim]`."""
+
+    def __init__(self, *, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_slots, num_kv_heads, max_len + 1, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.max_len = max_len
+
+    @property
+    def scratch_position(self) -> int:
+        return self.max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """Per-call layout, computed once and shared by every layer.
+
+    B sequences, each padded to T new tokens.
+    """
+
+    read_slots: slice | torch.Tensor  # slot selector: a slice when slots are a contiguous ascending run
+    write_slots: torch.Tensor  # [B*T] slot of every new token
+    write_positions: torch.Tensor  # [B*T] cache position of every new token (scratch for padding)
+    kv_len: int  # keys attended: positions [0, kv_len) of each slot
+    # Boolean "may attend" mask broadcastable to [B, num_kv_heads, T*q_per_kv, kv_len]; None = all.
+    mask: torch.Tensor | None
+
+
+def plan_attention(*, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
+                   first_slot: int | None, kv_len: int, needs_mask: bool, q_per_kv: int,
+                   scratch_position: int) -> AttentionBatch:
+    """Build the layout for one call.
+
+    slots [B]; positions [B, T] (padding clamped to the sequence's last position);
+    valid [B, T] marks real tokens (None: no padding);
+    first_slot is set when slots are `first_slot, first_slot+1, ...` (read through a slice).
+    """
+    B, T = positions.shape
+    write_positions = positions if valid is None else torch.where(valid, positions, scratch_position)
+    write_positions = write_positions.reshape(-1)
+    write_slots = slots.unsqueeze(1).expand(B, T).reshape(-1)
+    read_slots = slice(first_slot, first_slot + B) if first_slot is not None else slots
+    mask = None
+    if needs_mask:
+        keys = torch.arange(kv_len, device=positions.device)
+        mask = keys <= positions.unsqueeze(-1)  # [B, T, kv_len]: causal within the slot's context
+        if T > 1 and q_per_kv > 1:
+            # Query heads sharing a KV head are folded into the query axis (see cached_attention).
+            mask = mask.unsqueeze(2).expand(B, T, q_per_kv, kv_len).reshape(B, T * q_per_kv, kv_len)
+        mask = mask.unsqueeze(1)
+    return AttentionBatch(read_slots, write_slots, write_positions, kv_len, mask)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Store k, v [B, T, Hkv, D] in the cache, attend q [B, T, H, D] to it; returns [B, T, H*D].
+
+    Grouped-query attention without repeating K/V: the H // Hkv query heads of each KV head
+    are folded into the query-length axis, so SDPA sees [B, Hkv, T*q_per_kv, D] queries.
+    """
+    B, T, H, D = q.shape
+    kv_heads = k.shape[2]
+    k_cache[batch.write_slots, :, batch.write_positions] = k.reshape(B * T, kv_heads, D)
+    v_cache[batch.write_slots, :, batch.write_positions] = v.reshape(B * T, kv_heads, D)
+    if isinstance(batch.read_slots, slice):
+        keys = k_cache[batch.read_slots, :, : batch.kv_len]  # a view, no copy
+        values = v_cache[batch.read_slots, :, : batch.kv_len]
+    else:
+        keys = k_cache[:, :, : batch.kv_len].index_select(0, batch.read_slots)
+        values = v_cache[:, :, : batch.kv_len].index_select(0, batch.read_slots)
+    rep = H // kv_heads
+    queries = q.reshape(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask, scale=scale)
+    return out.reshape(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B, T, H * D)

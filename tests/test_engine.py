@@ -1,0 +1,141 @@
+"""The engine in process on the default model: batching, streaming, stops, cancellation."""
+
+import pytest
+
+from llmserve.config import SamplingParams
+from llmserve.errors import InvalidRequestError, OverloadedError
+
+PROMPTS = ["Once upon a time", "The little dog", "One day, Lily went to the park", "Tom and his friend",
+           "In the morning", "The sun was", "She looked at the", "A big red ball"]
+
+
+def run(engine, request_ids_params, stream=True):
+    """Add requests, step to completion; return {request_id: (pieces, final RequestOutput)}."""
+    seqs = {engine.add_request(rid, engine.encode(prompt), params, stream=stream).seq_id: rid
+            for rid, (prompt, params) in request_ids_params.items()}
+    pieces = {rid: [] for rid in request_ids_params}
+    finals = {}
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            rid = seqs[out.seq_id]
+            pieces[rid].append(out.text)
+            if out.finished:
+                finals[rid] = out
+    return {rid: (pieces[rid], finals[rid]) for rid in request_ids_params}, steps
+
+
+def test_greedy_is_identical_alone_and_in_a_batch(engine_factory):
+    engine = engine_factory(max_num_seqs=16)
+    params = SamplingParams(max_tokens=24)
+    alone = [engine.generate([p], params)[0] for p in PROMPTS]
+    assert engine.generate(PROMPTS * 2, params) == alone * 2
+
+
+def test_streamed_pieces_equal_non_streamed_text_for_sampled_requests(engine_factory):
+    engine = engine_factory()
+    requests = {f"r{i}": (p, SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=i))
+                for i, p in enumerate(PROMPTS)}
+    streamed, _ = run(engine, requests, stream=True)
+    whole, _ = run(engine, requests, stream=False)
+    for rid in requests:
+        assert "".join(streamed[rid][0]) == "".join(whole[rid][0])
+        assert len(whole[rid][0]) == 1  # one output, at the end
+
+
+def test_in_flight_batching_admits_new_requests_without_waiting(engine_factory):
+    engine = engine_factory(max_num_seqs=4)
+    long = engine.add_request("long", engine.encode("Once upon a time"), SamplingParams(max_tokens=60, min_tokens=60))
+    for _ in range(5):
+        engine.step()
+    short = engine.add_request("short", engine.encode("The dog"), SamplingParams(max_tokens=3, min_tokens=3))
+    finished_at = {}
+    for step in range(1, 100):
+        for out in engine.step():
+            if out.finished:
+                finished_at[out.request_id] = step
+        if not engine.has_unfinished():
+            break
+    # The short request joined at the next step and left after its 3 tokens, long before the long one.
+    assert finished_at["short"] == 3
+    assert finished_at["long"] == 55
+    assert engine.scheduler.slots.num_free == 4
+    assert long.finish_reason == "length" and short.finish_reason == "length"
+
+
+def test_more_requests_than_slots_queue_and_all_finish(engine_factory):
+    engine = engine_factory(max_num_seqs=2)
+    requests = {f"r{i}": (p, SamplingParams(max_tokens=5)) for i, p in enumerate(PROMPTS)}
+    results, _ = run(engine, requests)
+    assert all(final.finish_reason in ("length", "stop") for _, final in results.values())
+    assert engine.scheduler.slots.num_free == 2
+
+
+def test_max_tokens_min_tokens_and_counts(engine_factory):
+    engine = engine_factory()
+    results, _ = run(engine, {"a": ("Once upon a time", SamplingParams(max_tokens=7, min_tokens=7))})
+    pieces, final = results["a"]
+    assert final.finish_reason == "length" and final.num_output_tokens == 7
+    assert final.num_input_tokens == len(engine.encode("Once upon a time"))
+
+
+def test_eos_stops_with_reason_stop(engine_factory):
+    engine = engine_factory()
+    results, _ = run(engine, {"a": ("Once upon a time", SamplingParams(max_tokens=400))})
+    assert results["a"][1].finish_reason == "stop"  # the model ends its stories with EOS
+
+
+def test_stop_string_cuts_output_and_ends_generation(engine_factory):
+    engine = engine_factory()
+    free = engine.generate(["Once upon a time"], SamplingParams(max_tokens=50))[0]
+    stop = free.split()[4]
+    results, _ = run(engine, {"a": ("Once upon a time", SamplingParams(max_tokens=50, stop=(stop,)))})
+    pieces, final = results["a"]
+    text = "".join(pieces)
+    assert final.finish_reason == "stop"
+    assert text == free[:free.index(stop)]
+    assert final.num_output_tokens < len(engine.encode(free))
+
+
+def test_abort_frees_the_slot_and_reports_cancelled(engine_factory):
+    engine = engine_factory(max_num_seqs=2)
+    seq = engine.add_request("x", engine.encode("Once upon a time"), SamplingParams(max_tokens=100))
+    engine.step()
+    out = engine.abort(seq.seq_id)
+    assert out.finished and out.finish_reason == "cancelled"
+    assert engine.scheduler.slots.num_free == 2 and not engine.has_unfinished()
+    assert engine.abort(seq.seq_id) is None
+    waiting = engine.add_request("y", engine.encode("Hi"), SamplingParams(max_tokens=5))
+    assert [o.finish_reason for o in engine.abort_request("y")] == ["cancelled"]
+    assert waiting.finish_reason == "cancelled"
+
+
+def test_echo_prompt_prepends_the_prompt(engine_factory):
+    engine = engine_factory()
+    seq = engine.add_request("e", engine.encode("Once upon a time"), SamplingParams(max_tokens=5), echo_prompt=True)
+    text = ""
+    while engine.has_unfinished():
+        text += "".join(o.text for o in engine.step())
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+    assert seq.finish_reason
+
+
+def test_validation_errors_name_the_problem(engine_factory):
+    engine = engine_factory()
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.add_request("a", [1] * 5000, SamplingParams(max_tokens=5))
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("a", [1, 2], SamplingParams(max_tokens=engine.max_model_len))
+    with pytest.raises(InvalidRequestError, match="input_ids"):
+        engine.add_request("a", [1, 10**9], SamplingParams(max_tokens=5))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("a", [], SamplingParams(max_tokens=5))
+
+
+def test_overload_is_refused(engine_factory):
+    engine = engine_factory(max_queued_requests=2)
+    for i in range(2):
+        engine.add_request(str(i), [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(OverloadedError, match="overloaded"):
+        engine.add_request("x", [1, 2], SamplingParams(max_tokens=2))
