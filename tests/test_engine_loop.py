@@ -1,0 +1,112 @@
+"""The engine thread: submit from other threads, one send callback, cancellation, shutdown."""
+
+import queue
+import threading
+
+import pytest
+
+from llmserve.config import SamplingParams
+from llmserve.engine_loop import EngineLoop
+from llmserve.errors import InvalidRequestError
+
+
+class Handle:
+    """Stands in for a Triton response sender: records outputs, can be cancelled."""
+
+    def __init__(self):
+        self.outputs = queue.Queue()
+        self.cancelled = threading.Event()
+
+
+@pytest.fixture
+def loop(engine_factory):
+    errors = []
+    loop = EngineLoop(engine_factory(max_num_seqs=4), send=lambda h, out: h.outputs.put(out),
+                      fail=lambda h, exc: errors.append((h, exc)) or h.outputs.put(exc),
+                      is_cancelled=lambda h: h.cancelled.is_set(), cancel_check_interval=0.01)
+    loop.start()
+    yield loop
+    loop.shutdown()
+
+
+def collect(handle, timeout=30):
+    outputs = []
+    while True:
+        out = handle.outputs.get(timeout=timeout)
+        outputs.append(out)
+        if isinstance(out, Exception) or out.finished:
+            return outputs
+
+
+def test_concurrent_submissions_all_finish(loop):
+    engine = loop.engine
+    handles = [Handle() for _ in range(10)]
+
+    def submit(i):
+        loop.submit(handles[i], f"r{i}", engine.encode(f"Story {i}: once"), SamplingParams(max_tokens=8))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for handle in handles:
+        outputs = collect(handle)
+        assert outputs[-1].finish_reason in ("length", "stop")
+        assert sum(o.finished for o in outputs) == 1  # exactly one final output
+
+
+def test_invalid_request_is_refused_in_the_callers_thread(loop):
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        loop.submit(Handle(), "bad", [1, 2, 3], SamplingParams(max_tokens=10**6))
+
+
+def test_cancelled_handle_is_aborted_with_a_final_output(loop):
+    handle = Handle()
+    loop.submit(handle, "c", loop.engine.encode("Once upon a time"),
+                SamplingParams(max_tokens=900, min_tokens=900))
+    handle.outputs.get(timeout=30)
+    handle.cancelled.set()
+    outputs = collect(handle)
+    assert outputs[-1].finish_reason == "cancelled"
+    assert outputs[-1].num_output_tokens < 900
+
+
+def test_abort_by_request_id(loop):
+    handle = Handle()
+    loop.submit(handle, "stop-me", loop.engine.encode("Once upon a time"),
+                SamplingParams(max_tokens=900, min_tokens=900))
+    handle.outputs.get(timeout=30)
+    loop.abort_request("stop-me")
+    assert collect(handle)[-1].finish_reason == "cancelled"
+
+
+def test_shutdown_ends_open_requests(engine_factory):
+    handle = Handle()
+    loop = EngineLoop(engine_factory(), send=lambda h, out: h.outputs.put(out), fail=lambda h, e: None)
+    loop.start()
+    loop.submit(handle, "x", loop.engine.encode("Once"), SamplingParams(max_tokens=900, min_tokens=900))
+    handle.outputs.get(timeout=30)
+    loop.shutdown()
+    assert collect(handle)[-1].finish_reason == "cancelled"
+
+
+def test_a_failing_send_does_not_stop_the_loop(engine_factory):
+    class Broken(Handle):
+        pass
+
+    def send(handle, out):
+        if isinstance(handle, Broken):
+            raise ConnectionError("client went away")
+        handle.outputs.put(out)
+
+    loop = EngineLoop(engine_factory(), send=send, fail=lambda h, e: None)
+    loop.start()
+    try:
+        loop.submit(Broken(), "gone", loop.engine.encode("Once"), SamplingParams(max_tokens=50))
+        ok = Handle()
+        loop.submit(ok, "ok", loop.engine.encode("Once"), SamplingParams(max_tokens=5))
+        assert collect(ok)[-1].finish_reason in ("length", "stop")
+        assert not loop.engine.has_unfinished()
+    finally:
+        loop.shutdown()
