@@ -131,7 +131,7 @@ class TritonServer:
     def start(self, timeout: float = 240.0) -> TritonServer:
         install = find_tritonserver()
         cmd = server_command(install, self.model_repository, self.grpc_port, self.http_port, self.metrics_port)
-        self._log = open(self._log_path, "wb") if self._log_path else tempfile.TemporaryFile()
+        self._log = open(self._log_path, "w+b") if self._log_path else tempfile.TemporaryFile()
         self.process = subprocess.Popen(cmd, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -1,0 +1,78 @@
+"""Plumbing shared by the sync and async clients: URL and timeout checks, stream headers, the explicit stop."""
+
+from __future__ import annotations
+
+import logging
+import queue
+
+import tritonclient.grpc as grpcclient
+
+from ._tensors import build_stop_inputs
+
+log = logging.getLogger("client")
+
+DEFAULT_URL = "localhost:8001"
+DEFAULT_STOP_MODEL = "llm"
+DEFAULT_STOP_TIMEOUT = 1.0
+
+# Ask Triton to end a failed request's stream with the real gRPC status
+# (INVALID_ARGUMENT, UNAVAILABLE, ...) instead of a status-less message on the
+# stream. One request per stream, so closing the stream on error costs nothing.
+STREAM_HEADERS = {"triton_grpc_error": "true"}
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``host:port`` or ``grpc://host:port``; gRPC wants the bare form."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"url must be a non-empty 'host:port' string, got {url!r}")
+    if url.startswith("grpc://"):
+        url = url[len("grpc://"):]
+    if "://" in url:
+        raise ValueError(f"url must be the gRPC 'host:port' (e.g. {DEFAULT_URL}), got {url!r}")
+    return url.rstrip("/")
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """Validate a timeout in seconds; None means no limit."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def send_stop(url: str, request_id: str, *, model: str = DEFAULT_STOP_MODEL,
+              timeout: float = DEFAULT_STOP_TIMEOUT) -> bool:
+    """Ask the server to end `request_id` now (TensorRT-LLM style stop request).
+
+    Needed on top of cancelling the gRPC stream: Triton checks an ensemble
+    request for cancellation only between steps and does not pass it on to
+    the composing `llm` request that is generating (seen with Triton 2.51:
+    a cancelled stream alone ran on to max_tokens). Best effort and bounded
+    by `timeout`: it opens its own short-lived stream, waits for the first
+    answer, and never raises. Returns True when the server acknowledged it.
+    """
+    answers: queue.SimpleQueue[grpcclient.InferenceServerException | None] = queue.SimpleQueue()
+    triton: grpcclient.InferenceServerClient | None = None
+    try:
+        triton = grpcclient.InferenceServerClient(url)
+        triton.start_stream(callback=lambda result, error: answers.put(error), stream_timeout=timeout)
+        triton.async_stream_infer(model, build_stop_inputs(), request_id=request_id,
+                                  enable_empty_final_response=True)
+        error = answers.get(timeout=timeout)
+        if error is not None:
+            log.debug("stop request for %s answered with an error: %s", request_id, error)
+        return error is None
+    except queue.Empty:
+        log.debug("stop request for %s not answered within %.1fs", request_id, timeout)
+        return False
+    except Exception as exc:  # best effort: the RPC cancellation already happened
+        log.debug("stop request for %s failed: %s", request_id, exc)
+        return False
+    finally:
+        if triton is not None:
+            try:
+                triton.stop_stream(cancel_requests=True)
+                triton.close()
+            except Exception:
+                pass
