@@ -64,9 +64,9 @@ SETTINGS: dict[str, int | float] = {
     "min_lr_ratio": 0.1,
     "weight_decay": 0.1,
 }
-# Safety cap only, in seconds since the build started: the fixed step count is the
-# normal stopping rule (deterministic); this keeps a slow or busy machine from taking
-# minutes. About 60 s is normal on 2 idle cores.
+# Expected training time on 2 idle cores (about 60 s): only for a note when a busy
+# machine takes longer. Training always runs its fixed step count, so the model is
+# the same on every machine.
 TIME_BUDGET_S = 90.0
 SAMPLE_PROMPT = "Once upon a time"
 
@@ -411,11 +411,10 @@ def train(model: LlamaForCausalLM, stream: torch.Tensor, start: float) -> tuple[
         if step % 25 == 0 or step == steps - 1:
             print(f"step {step:4d}/{steps}  loss {recent[-1]:.3f}  "
                   f"lr {lr_at(step):.2e}  elapsed {elapsed:5.1f}s", flush=True)
-        if elapsed > TIME_BUDGET_S and step < steps - 1:
-            print(f"warning: time budget ({TIME_BUDGET_S:.0f}s) reached after {step + 1}/{steps} "
-                  "steps; the machine is slow or busy, so this model is undertrained and not "
-                  "reproducible", file=sys.stderr, flush=True)
-            break
+    if elapsed > TIME_BUDGET_S:
+        # A fixed step count keeps the model reproducible; a slow machine only takes longer.
+        print(f"note: training took {elapsed:.0f}s (expected under {TIME_BUDGET_S:.0f}s on 2 idle cores)",
+              file=sys.stderr, flush=True)
     model.eval()
     return step + 1, sum(recent) / len(recent)
 
