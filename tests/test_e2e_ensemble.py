@@ -167,3 +167,43 @@ def test_explicit_stop_by_request_id(triton_server):
     assert result["r"].finish_reason == "cancelled"
     assert result["r"].num_output_tokens < 900
     assert _wait_for(lambda: _idle(triton_server), 5)
+
+
+def test_cancelling_a_direct_llm_stream_frees_the_sequence(triton_server):
+    """Clients of the `llm` model itself (token ids in, decode windows out) are cancelled too."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from tests.ensemble_requests import make_inputs
+
+    assert _wait_for(lambda: _idle(triton_server), 10)
+    before = metric(triton_server.metrics_url, "llm_generated_tokens_total")
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = make_inputs(max_tokens=900, min_tokens=900, stream=True)
+    ids = grpcclient.InferInput("input_ids", [1, 3], "INT32")
+    ids.set_data_from_numpy(np.array([[5, 6, 7]], dtype=np.int32))
+    client.async_stream_infer("llm", [ids, *inputs])
+    result, error = responses.get(timeout=30)
+    assert error is None and result.as_numpy("token_ids").shape[0] == 1
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert _wait_for(lambda: _idle(triton_server), 10)
+    time.sleep(0.3)
+    assert metric(triton_server.metrics_url, "llm_generated_tokens_total") - before < 300
+
+
+def test_disconnecting_from_generate_stream_frees_the_sequence(triton_server):
+    assert _wait_for(lambda: _idle(triton_server), 10)
+    before = metric(triton_server.metrics_url, "llm_generated_tokens_total")
+    body = {"text_input": "Once upon a time", "max_tokens": 900, "min_tokens": 900, "stream": True}
+    request = urllib.request.Request(f"{triton_server.http_url}/v2/models/ensemble/generate_stream",
+                                     data=json.dumps(body).encode())
+    response = urllib.request.urlopen(request, timeout=60)
+    assert response.readline().startswith(b"data: ")
+    response.close()  # the client goes away mid-stream
+    assert _wait_for(lambda: _idle(triton_server), 10)
+    time.sleep(0.3)
+    assert metric(triton_server.metrics_url, "llm_generated_tokens_total") - before < 300
