@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--min-tokens", type=int, help="generate at least this many tokens (EOS ignored before)")
     p.add_argument("--stop", action="extend", nargs="+", metavar="STR", help="stop string(s); repeatable")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole request (default 60)")
     return p
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     params = {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-        "top_k": args.top_k, "seed": args.seed, "stop": args.stop,
+        "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "min_tokens": args.min_tokens,
     }
     last: StreamChunk | None = None
     first: float | None = None

@@ -87,11 +87,16 @@ def read_response(response, result: StreamResult) -> None:
     result.num_output_tokens = int(response.as_numpy("num_output_tokens").reshape(-1)[0])
 
 
-def metric(metrics_url: str, name: str) -> float:
-    """Sum of a Prometheus metric's samples on the server's metrics endpoint."""
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples on the server's metrics endpoint.
+
+    `labels` keeps only the samples carrying all of them, e.g. reason="cancelled".
+    """
     with urllib.request.urlopen(metrics_url, timeout=5) as response:
         body = response.read().decode()
-    values = [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", body, re.MULTILINE)]
+    samples = re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", body, re.MULTILINE)
+    values = [float(value) for label_text, value in samples
+              if all(f'{key}="{val}"' in label_text for key, val in labels.items())]
     if not values:
-        raise KeyError(f"metric {name} not found")
+        raise KeyError(f"metric {name} {labels or ''} not found")
     return sum(values)

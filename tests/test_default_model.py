@@ -1,7 +1,9 @@
 """Checks on the locally built default model (see build/build_default_model.py).
 
 The model folder comes from $LLMSERVE_MODEL_DIR, else build/models/default. These tests
-do not build it (that takes about a minute); they skip when it is missing.
+do not build it (that takes about a minute); they skip when it is missing. The check runs
+at test time, not at collection, so a build done earlier in the session (conftest's
+default_model_dir fixture) counts.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("LLMSERVE_MODEL_DIR", REPO_ROOT / "build" / "models" / "default"))
 
-pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / ".complete").exists(),
-    reason=f"default model not built at {MODEL_DIR}; run python build/build_default_model.py",
-)
-
 # A word, optionally wrapped in quotes/brackets and followed by punctuation: `"Yes!`, `Lily's`.
 WORD = re.compile(r"""^["'(]*[A-Za-z]+(?:['’-][A-Za-z]+)*[.,!?;:"')]*$""")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _require_built_model() -> None:
+    # Module scope and autouse: runs before the module-scoped loaders below.
+    if not (MODEL_DIR / ".complete").exists():
+        pytest.skip(f"default model not built at {MODEL_DIR}; "
+                    "run python build/build_default_model.py")
 
 
 @pytest.fixture(scope="module")

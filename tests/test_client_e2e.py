@@ -1,0 +1,406 @@
+"""End-to-end tests of the client against the real Triton server.
+
+Uses the session-scoped `triton_server` fixture from tests/conftest.py, which
+exposes `grpc_url` ("localhost:PORT"), `http_url` and `metrics_url`.
+
+Leaving a request early must cancel it *on the server*; that is checked on the
+server's Prometheus metrics (`cancelled_on_server`): the slot frees, the
+request finishes with reason `cancelled`, and it generated far fewer tokens
+than its min_tokens == max_tokens. The server is shared by the whole session,
+so every such check first waits for it to be idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import client.async_client
+import client.sync_client
+from client import AsyncClient, BadRequestError, Client, ModelNotFoundError, RequestTimeoutError
+from tests.ensemble_requests import metric
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Once upon a time"
+# Greedy, so that two runs of the same request produce the same text.
+GREEDY = {"temperature": 0.0, "seed": 1234}
+
+# min_tokens == max_tokens: the model cannot stop early, so the request is
+# still generating when a test leaves it (the default model's context is 1024
+# tokens; ~1.3-1.8 s of generation on the test machines).
+LONG = {"max_tokens": 900, "min_tokens": 900, "temperature": 0.0}
+# A cancelled LONG request must have generated fewer tokens than this.
+CUT_SHORT = LONG["max_tokens"] // 2
+
+CONCURRENT_PROMPTS = [
+    "Once upon a time", "One day", "Tom had a dog", "The cat", "Lily liked to", "In the park",
+    "The sun was", "Max found a",
+]
+
+
+# --------------------------------------------------------------------------- server-side checks
+
+
+def active(server) -> float:
+    return metric(server.metrics_url, "llm_active_sequences")
+
+
+def finished(server, reason: str) -> float:
+    try:
+        return metric(server.metrics_url, "llm_requests_finished_total", reason=reason)
+    except KeyError:  # no request has finished for that reason yet
+        return 0.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_idle(server, timeout: float = 10.0) -> None:
+    assert wait_until(lambda: active(server) == 0, timeout), "the server is still busy with an earlier request"
+
+
+@dataclass(frozen=True)
+class Counts:
+    generated: float
+    cancelled: float
+    length: float
+
+    @classmethod
+    def read(cls, server) -> Counts:
+        return cls(metric(server.metrics_url, "llm_generated_tokens_total"), finished(server, "cancelled"),
+                   finished(server, "length"))
+
+
+def before_cancelling(server) -> Counts:
+    """Wait for the shared server to be idle; the counts `assert_cut_short` compares with."""
+    wait_idle(server)
+    return Counts.read(server)
+
+
+def assert_cut_short(server, before: Counts) -> None:
+    """The one long request started after `before` was cancelled on the server, early."""
+    assert wait_until(lambda: active(server) == 0, 3.0), "the sequence still runs 3 s after the client left it"
+    # Counters are flushed when the engine goes idle, just after the gauge.
+    assert wait_until(lambda: finished(server, "cancelled") > before.cancelled, 2.0), \
+        "the server finished the request without cancelling it"
+    after = Counts.read(server)
+    assert after.cancelled - before.cancelled == 1
+    assert after.length == before.length, "the request ran to max_tokens"
+    generated = after.generated - before.generated
+    assert 0 < generated < CUT_SHORT, f"{generated:.0f} tokens generated for a cancelled request"
+
+
+@contextlib.contextmanager
+def cancelled_on_server(server) -> Iterator[None]:
+    """Around code that leaves one long request early: the server must have cut it short."""
+    before = before_cancelling(server)
+    yield
+    assert_cut_short(server, before)
+
+
+async def async_assert_cut_short(server, before: Counts) -> None:
+    """`assert_cut_short` from a coroutine, with the AsyncClient still open: closing its
+    channel would cancel the request by itself and hide a stream that did not."""
+    await asyncio.to_thread(assert_cut_short, server, before)
+
+
+# --------------------------------------------------------------------------- streaming and results
+
+
+def test_stream_yields_deltas_and_a_final_reason(triton_server):
+    wait_idle(triton_server)
+    before = Counts.read(triton_server)
+    with Client(triton_server.grpc_url) as client:
+        chunks = list(client.stream(PROMPT, max_tokens=12, min_tokens=12, request_id="e2e-stream", **GREEDY))
+    assert len(chunks) >= 2, chunks
+    assert all(c.text for c in chunks[:-1]), "empty non-final responses must be skipped"
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    counts = [c.num_output_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 12, "num_output_tokens is cumulative"
+    assert chunks[-1].num_input_tokens > 0
+    assert {c.num_input_tokens for c in chunks} == {chunks[-1].num_input_tokens}
+    # Read to the end: the request finished normally on the server, nothing was cancelled.
+    wait_idle(triton_server)
+    assert wait_until(lambda: finished(triton_server, "length") == before.length + 1, 2.0)
+    assert finished(triton_server, "cancelled") == before.cancelled
+
+
+def test_generate_joins_the_stream(triton_server):
+    with Client(triton_server.grpc_url) as client:
+        chunks = list(client.stream(PROMPT, max_tokens=24, **GREEDY))
+        completion = client.generate(PROMPT, max_tokens=24, **GREEDY)
+    assert completion.text and completion.text == "".join(c.text for c in chunks)
+    last = chunks[-1]
+    assert (completion.finish_reason, completion.num_input_tokens, completion.num_output_tokens) == (
+        last.finish_reason, last.num_input_tokens, last.num_output_tokens)
+    assert completion.finish_reason in {"length", "stop"}
+
+
+def test_async_client_matches_sync(triton_server):
+    with Client(triton_server.grpc_url) as client:
+        expected = client.generate(PROMPT, max_tokens=24, **GREEDY)
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            chunks = [c async for c in aclient.stream(PROMPT, max_tokens=24, **GREEDY)]
+            completion = await aclient.generate(PROMPT, max_tokens=24, **GREEDY)
+        return chunks, completion
+
+    chunks, completion = asyncio.run(run())
+    assert len([c for c in chunks if c.text]) >= 2
+    assert chunks[-1].finish_reason == expected.finish_reason
+    assert "".join(c.text for c in chunks) == completion.text == expected.text
+    assert completion.num_output_tokens == expected.num_output_tokens
+
+
+def test_health(triton_server):
+    with Client(triton_server.grpc_url) as client:
+        assert client.health() is True
+    with Client(triton_server.grpc_url, model="no_such_model") as client:
+        assert client.health() is False
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as good, \
+                AsyncClient(triton_server.grpc_url, model="no_such_model") as missing:
+            return await good.health(), await missing.health()
+
+    assert asyncio.run(run()) == (True, False)
+
+
+# --------------------------------------------------------------------------- typed errors
+
+ERROR_CASES = [
+    pytest.param("ensemble", {"temperature": -1.0}, BadRequestError, "temperature", id="temperature"),
+    pytest.param("ensemble", {"top_p": 2.0}, BadRequestError, "top_p", id="top_p"),
+    pytest.param("nope", {}, ModelNotFoundError, "nope", id="unknown-model"),
+]
+
+
+@pytest.mark.parametrize("grpc_error_mode", [True, False], ids=["grpc-status", "in-stream-error"])
+@pytest.mark.parametrize(("model", "params", "error", "mentions"), ERROR_CASES)
+def test_server_errors_are_typed(triton_server, monkeypatch, grpc_error_mode, model, params, error, mentions):
+    if not grpc_error_mode:
+        # Without the header the server reports the error as a status-less message
+        # on the stream (what a server without triton_grpc_error support does).
+        monkeypatch.setattr(client.sync_client, "STREAM_HEADERS", {})
+        monkeypatch.setattr(client.async_client, "STREAM_HEADERS", {})
+    with Client(triton_server.grpc_url, model=model) as sync_client, pytest.raises(error) as info:
+        sync_client.generate(PROMPT, max_tokens=8, **params)
+    assert mentions in info.value.message
+    if error is BadRequestError and grpc_error_mode:
+        assert info.value.status == "INVALID_ARGUMENT"
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url, model=model) as aclient:
+            await aclient.generate(PROMPT, max_tokens=8, **params)
+
+    with pytest.raises(error, match=mentions):
+        asyncio.run(run())
+    wait_idle(triton_server, 2.0)  # a rejected request holds no sequence
+
+
+# --------------------------------------------------------------------------- leaving early cancels on the server
+
+
+def test_break_cancels_on_the_server(triton_server):
+    with Client(triton_server.grpc_url) as client:
+        with cancelled_on_server(triton_server):
+            for chunk in client.stream(PROMPT, **LONG):
+                assert chunk.text and chunk.finish_reason is None
+                assert active(triton_server) == 1
+                break
+        # The stream's connection went back to the pool and still works.
+        assert client.generate(PROMPT, max_tokens=4, min_tokens=4, **GREEDY).num_output_tokens == 4
+
+
+def test_generator_close_cancels_on_the_server(triton_server):
+    with Client(triton_server.grpc_url) as client, cancelled_on_server(triton_server):
+        chunks = client.stream(PROMPT, **LONG)
+        assert next(chunks).text
+        chunks.close()
+
+
+def test_exception_in_the_loop_body_cancels_on_the_server(triton_server):
+    with Client(triton_server.grpc_url) as client, cancelled_on_server(triton_server), \
+            pytest.raises(KeyError, match="caller bug"):
+        for _ in client.stream(PROMPT, **LONG):
+            raise KeyError("caller bug")
+
+
+def test_async_break_cancels_on_the_server(triton_server):
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            before = before_cancelling(triton_server)
+            async with contextlib.aclosing(aclient.stream(PROMPT, **LONG)) as chunks:
+                async for chunk in chunks:
+                    assert chunk.text
+                    break
+            await async_assert_cut_short(triton_server, before)
+
+    asyncio.run(run())
+
+
+def test_async_task_cancellation_cancels_on_the_server(triton_server):
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            before = before_cancelling(triton_server)
+            first = asyncio.Event()
+
+            async def consume():
+                async for _ in aclient.stream(PROMPT, **LONG):
+                    first.set()
+
+            task = asyncio.create_task(consume())
+            await asyncio.wait_for(first.wait(), 30)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await async_assert_cut_short(triton_server, before)
+
+    asyncio.run(run())
+
+
+def test_async_wait_for_timeout_cancels_on_the_server(triton_server):
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            before = before_cancelling(triton_server)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(aclient.generate(PROMPT, **LONG), 0.3)
+            await async_assert_cut_short(triton_server, before)
+
+    asyncio.run(run())
+
+
+def test_request_timeout_raises_quickly_and_frees_the_sequence(triton_server):
+    timeout = 0.25  # a LONG request needs several times that
+    with Client(triton_server.grpc_url, timeout=timeout) as sync_client, cancelled_on_server(triton_server):
+        start = time.monotonic()
+        with pytest.raises(RequestTimeoutError):
+            sync_client.generate(PROMPT, **LONG)
+        elapsed = time.monotonic() - start
+    assert elapsed < timeout + 1.0, f"the timeout was raised after {elapsed:.2f}s"
+
+
+def test_async_request_timeout_raises_quickly_and_frees_the_sequence(triton_server):
+    timeout = 0.25
+
+    async def run() -> float:
+        async with AsyncClient(triton_server.grpc_url, timeout=timeout) as aclient:
+            before = before_cancelling(triton_server)
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError):
+                await aclient.generate(PROMPT, **LONG)
+            elapsed = time.monotonic() - start
+            await async_assert_cut_short(triton_server, before)
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    assert elapsed < timeout + 1.0, f"the timeout was raised after {elapsed:.2f}s"
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+@pytest.fixture(scope="module")
+def sequential_texts(triton_server) -> dict[str, str]:
+    """Greedy completions of CONCURRENT_PROMPTS, one request at a time."""
+    with Client(triton_server.grpc_url) as client:
+        texts = {p: client.generate(p, max_tokens=24, **GREEDY).text for p in CONCURRENT_PROMPTS}
+    assert len(set(texts.values())) == len(texts), "the prompts must give distinct texts"
+    return texts
+
+
+def test_concurrent_streams_from_threads(triton_server, sequential_texts):
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+    with Client(triton_server.grpc_url) as client:
+        def work(prompt: str) -> None:
+            try:
+                results[prompt] = "".join(c.text for c in client.stream(prompt, max_tokens=24, **GREEDY))
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(p,)) for p in CONCURRENT_PROMPTS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not errors, errors
+    assert results == sequential_texts
+
+
+def test_concurrent_streams_from_asyncio_tasks(triton_server, sequential_texts):
+    async def one(aclient: AsyncClient, prompt: str) -> str:
+        return "".join([c.text async for c in aclient.stream(prompt, max_tokens=24, **GREEDY)])
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            texts = await asyncio.gather(*(one(aclient, p) for p in CONCURRENT_PROMPTS))
+        return dict(zip(CONCURRENT_PROMPTS, texts))
+
+    assert asyncio.run(run()) == sequential_texts
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "client", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_streams_and_reports_stats(triton_server):
+    with Client(triton_server.grpc_url) as client:
+        full = client.generate(PROMPT, max_tokens=24, temperature=0.0).text
+    stop = full.split()[3]  # a stop string the greedy text contains: it ends the output before it
+    proc = _cli(PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "24", "--temperature", "0",
+                "--stop", "zzzq", stop)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == full[: full.index(stop)] + "\n"
+    assert "finish=stop" in err and "tokens/s" in err and "time to first token" in err, err
+
+
+def test_cli_error_exits_1_with_the_servers_message(triton_server):
+    with Client(triton_server.grpc_url) as client, pytest.raises(BadRequestError) as info:
+        client.generate(PROMPT, max_tokens=8, temperature=-1.0)
+    proc = _cli(PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "8", "--temperature", "-1")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert f"error: {info.value.message}" in err
+    assert out == ""
+
+
+def test_cli_ctrl_c_exits_130_and_cancels_on_the_server(triton_server):
+    # 900 tokens take over a second: still generating at the Ctrl-C.
+    with cancelled_on_server(triton_server):
+        proc = _cli(PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "900", "--min-tokens", "900")
+        try:
+            assert proc.stdout.read(3)  # the first chunk arrived
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 130, err
+        assert "cancelled" in err
