@@ -440,7 +440,9 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
     half-written one; a leftover temporary folder is cleared by the next build.
     """
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a one-shard progress bar is just noise in build logs
     tmp, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
