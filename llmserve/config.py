@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from llmserve.errors import InvalidRequestError
@@ -25,6 +26,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     # Requests allowed to wait for a slot before new ones are refused as overload.
     max_queued_requests: int = 256
+    # torch intra-op threads; None = torch's default. A server shares the cores with
+    # tritonserver, the other models and often the clients (see `server_num_threads`).
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -34,8 +38,15 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ValueError(f"num_threads must be > 0, got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
+
+
+def server_num_threads(cpus: int | None = None) -> int:
+    """Half the cores for the engine's matmuls, the rest for Triton, the other models and clients."""
+    return max(1, (cpus or os.cpu_count() or 2) // 2)
 
 
 def _require(condition: bool, message: str) -> None:

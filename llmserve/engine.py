@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -45,6 +45,19 @@ class RequestOutput:
     num_output_tokens: int
 
 
+def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One output carrying both: consecutive outputs of a sequence have contiguous decode windows
+    (the second's context tokens are the first's new tokens), so their windows join into one."""
+    if not first.token_ids:
+        return second
+    if not second.token_ids:
+        return replace(second, token_ids=first.token_ids, prefix_length=first.prefix_length,
+                       text_length=first.text_length, text=first.text)
+    text_length = -1 if second.text_length < 0 else len(first.text) + second.text_length
+    return replace(second, token_ids=first.token_ids + second.token_ids[second.prefix_length:],
+                   prefix_length=first.prefix_length, text_length=text_length, text=first.text + second.text)
+
+
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
@@ -57,6 +70,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner=None,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         if runner is None:
             from llmserve.model_runner import TorchModelRunner
             runner = TorchModelRunner(config.model_dir, num_slots=config.max_num_seqs,

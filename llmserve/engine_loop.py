@@ -1,10 +1,13 @@
 """The engine on its own thread, fed by a server's request threads.
 
 `submit` validates in the caller's thread (so a bad request is answered at
-once) and queues; the loop thread admits queued requests before each step and
-hands every output to one `send` callback. Requests are handled by an opaque
-handle (a Triton response sender, a queue in tests). Every request ends with a
-final output, cancelled and failed ones too.
+once) and queues; the loop thread admits queued requests before each step. A
+sender thread delivers every output through one `send` callback, so sending
+(an IPC per response in Triton) overlaps the next forward pass; when it falls
+behind, a sequence's new output merges into the one still waiting, and the
+server sends fewer, larger responses exactly when it is CPU-bound. Requests are
+handled by an opaque handle (a Triton response sender, a queue in tests). Every
+request ends with a final output, cancelled and failed ones too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmserve.config import SamplingParams
-from llmserve.engine import LLMEngine, RequestOutput
+from llmserve.engine import LLMEngine, RequestOutput, merge_outputs
 from llmserve.errors import OverloadedError
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,36 @@ class _Abort:
     seq_id: int | None = None
 
 
+class _Outbox:
+    """Outputs waiting for the sender thread, at most one entry per sequence."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, tuple[Handle, RequestOutput | Exception]] = {}
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def put(self, seq_id: int, handle: Handle, item: RequestOutput | Exception) -> None:
+        with self._ready:
+            queued = self._pending.get(seq_id)
+            if queued is not None and isinstance(item, RequestOutput) and isinstance(queued[1], RequestOutput):
+                item = merge_outputs(queued[1], item)
+            self._pending[seq_id] = (handle, item)  # an error replaces what was waiting: the request failed
+            self._ready.notify()
+
+    def take(self) -> list[tuple[Handle, RequestOutput | Exception]] | None:
+        """Everything waiting (in arrival order), or None once closed and drained."""
+        with self._ready:
+            while not self._pending and not self._closed:
+                self._ready.wait()
+            batch, self._pending = list(self._pending.values()), {}
+            return batch or None
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, send: Callable[[Handle, RequestOutput], None],
                  fail: Callable[[Handle, Exception], None], *,
@@ -57,10 +90,13 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}  # seq_id -> handle, owned by the loop thread
         self._stopping = False
+        self._outbox = _Outbox()
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="llm-sender", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._sender.start()
 
     def submit(self, handle: Handle, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                stream: bool = True, echo_prompt: bool = False) -> None:
@@ -84,6 +120,8 @@ class EngineLoop:
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout)
+        self._outbox.close()
+        self._sender.join(timeout)
 
     # -- the loop thread -------------------------------------------------------------
 
@@ -148,15 +186,25 @@ class EngineLoop:
 
     def _deliver(self, out: RequestOutput) -> None:
         handle = self._handles.pop(out.seq_id) if out.finished else self._handles[out.seq_id]
-        try:
-            self._send(handle, out)
-        except Exception:  # a client that went away must not stop the loop
-            log.exception("sending a response for request %r failed", out.request_id)
-            if not out.finished:
-                self._abort(_Abort(seq_id=out.seq_id))
+        self._outbox.put(out.seq_id, handle, out)
+
+    # -- the sender thread -------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while (batch := self._outbox.take()) is not None:
+            for handle, item in batch:
+                try:
+                    if isinstance(item, Exception):
+                        self._fail(handle, item)
+                    else:
+                        self._send(handle, item)
+                except Exception:  # a client that went away must not stop the server
+                    log.exception("sending a response failed")
+                    if isinstance(item, RequestOutput) and not item.finished:
+                        self.abort_sequence(item.seq_id)
 
     def _fail_all(self, exc: Exception) -> None:
         for seq_id, handle in list(self._handles.items()):
             self.engine.abort(seq_id)
             del self._handles[seq_id]
-            self._fail(handle, RuntimeError(f"generation failed: {exc}"))
+            self._outbox.put(seq_id, handle, RuntimeError(f"generation failed: {exc}"))

@@ -17,8 +17,31 @@ from llmserve.errors import InvalidRequestError
 
 Inputs = Mapping[str, np.ndarray]
 
-# Output tensors the engine's RequestOutput maps to (llm -> postprocessing -> client).
-FINISH_REASONS = ("stop", "length", "cancelled")
+# An `llm` response is two tensors: `token_ids` (the decode window) and `output_info`,
+# the scalars below packed into one INT64 vector: every tensor costs a shared-memory
+# allocation and copies on each hop, and this path runs once per streamed piece.
+OUTPUT_INFO_FIELDS = ("prefix_length", "text_length", "num_input_tokens", "num_output_tokens",
+                      "sequence_id", "finish_reason")
+FINISH_REASONS = ("", "stop", "length", "cancelled")  # finish_reason's code is its index here
+
+
+@dataclass(slots=True, frozen=True)
+class OutputInfo:
+    prefix_length: int
+    text_length: int
+    num_input_tokens: int
+    num_output_tokens: int
+    sequence_id: int
+    finish_reason: str  # "" until the last response
+
+    def pack(self) -> np.ndarray:
+        return np.array([[self.prefix_length, self.text_length, self.num_input_tokens, self.num_output_tokens,
+                          self.sequence_id, FINISH_REASONS.index(self.finish_reason)]], dtype=np.int64)
+
+    @classmethod
+    def unpack(cls, array: np.ndarray) -> OutputInfo:
+        *values, finish = array.reshape(-1).tolist()
+        return cls(*values, FINISH_REASONS[finish])
 
 
 def _one_request(inputs: Inputs) -> None:

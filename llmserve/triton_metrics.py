@@ -1,7 +1,7 @@
 """Engine metrics on Triton's Prometheus endpoint (custom metrics API of the Python backend).
 
-Each update is an IPC to the server process, so gauges are only set when they
-change and counters are flushed at most every `interval` seconds (and when idle).
+Each update is an IPC to the server process, so metrics are refreshed at most
+every `interval` seconds while busy (and at once when idle), and only those that changed.
 """
 
 from __future__ import annotations
@@ -36,16 +36,15 @@ class EngineMetrics:
         self._next_flush = 0.0
 
     def update(self, engine: LLMEngine) -> None:
+        now = time.monotonic()
+        if now < self._next_flush and engine.has_unfinished():
+            return
+        self._next_flush = now + self._interval
         stats = engine.stats
         slots = engine.scheduler.slots
-        idle = not engine.has_unfinished()
         self._set("running", engine.num_running)
         self._set("waiting", engine.num_waiting)
         self._set("kv", slots.num_used / slots.num_slots)
-        now = time.monotonic()
-        if now < self._next_flush and not idle:
-            return
-        self._next_flush = now + self._interval
         self._add("generated", stats.generated_tokens)
         self._add("prompt", stats.prompt_tokens)
         self._add("steps", stats.steps)

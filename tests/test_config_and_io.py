@@ -87,3 +87,13 @@ def test_parse_llm_request_errors():
 def test_parse_stop_request():
     request = parse_llm_request({"stop": batched(True, bool), "sequence_id": batched(42, np.uint64)})
     assert request.stop and request.sequence_id == 42 and request.prompt_ids is None
+
+
+def test_output_info_round_trips():
+    from llmserve.triton_io import OutputInfo
+
+    for reason in ("", "stop", "length", "cancelled"):
+        info = OutputInfo(5, -1, 12, 40, 2**40 + 3, reason)
+        packed = info.pack()
+        assert packed.shape == (1, 6) and packed.dtype == np.int64
+        assert OutputInfo.unpack(packed) == info

@@ -139,3 +139,27 @@ def test_overload_is_refused(engine_factory):
         engine.add_request(str(i), [1, 2], SamplingParams(max_tokens=2))
     with pytest.raises(OverloadedError, match="overloaded"):
         engine.add_request("x", [1, 2], SamplingParams(max_tokens=2))
+
+
+def test_merged_outputs_decode_to_the_joined_text(engine_factory):
+    from functools import reduce
+
+    from llmserve.detokenizer import decode_window
+    from llmserve.engine import merge_outputs
+
+    engine = engine_factory()
+    free = engine.generate(["Zürich café 🙂 Once upon a time"], SamplingParams(max_tokens=40))[0]
+    stop = free.split()[5]
+    engine.add_request("m", engine.encode("Zürich café 🙂 Once upon a time"),
+                       SamplingParams(max_tokens=40, stop=(stop,)))
+    outputs = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step())
+    decoder = engine.tokenizer.backend_tokenizer
+    for split in range(1, len(outputs)):  # merging any prefix, and any suffix, keeps the text exact
+        head, tail = reduce(merge_outputs, outputs[:split]), reduce(merge_outputs, outputs[split:])
+        for merged in (head, tail):
+            assert decode_window(decoder, merged.token_ids, merged.prefix_length, merged.text_length) == merged.text
+    merged = reduce(merge_outputs, outputs)
+    assert merged.text == "".join(o.text for o in outputs) == free[:free.index(stop)]
+    assert merged.finished and merged.finish_reason == "stop"

@@ -110,3 +110,26 @@ def test_a_failing_send_does_not_stop_the_loop(engine_factory):
         assert not loop.engine.has_unfinished()
     finally:
         loop.shutdown()
+
+
+def test_slow_sending_merges_outputs_without_losing_text(engine_factory):
+    import time
+
+    engine = engine_factory()
+    expected = engine.generate(["Once upon a time"], SamplingParams(max_tokens=60, min_tokens=60))[0]
+
+    def slow_send(handle, out):
+        time.sleep(0.01)  # slower than a step: outputs pile up and merge
+        handle.outputs.put(out)
+
+    loop = EngineLoop(engine, send=slow_send, fail=lambda h, e: None)
+    loop.start()
+    try:
+        handle = Handle()
+        loop.submit(handle, "slow", engine.encode("Once upon a time"), SamplingParams(max_tokens=60, min_tokens=60))
+        outputs = collect(handle)
+    finally:
+        loop.shutdown()
+    assert "".join(o.text for o in outputs) == expected
+    assert len(outputs) < 30  # 60 tokens, far fewer responses
+    assert outputs[-1].num_output_tokens == 60

@@ -7,14 +7,14 @@ the engine thread sends every response, from one place (`_send`).
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llmserve.config import EngineConfig
+from llmserve.config import EngineConfig, server_num_threads
 from llmserve.engine import LLMEngine, RequestOutput
 from llmserve.engine_loop import EngineLoop
 from llmserve.errors import InvalidRequestError
 from llmserve.settings import model_parameter, resolve_model_dir
-from llmserve.triton_io import parse_llm_request
+from llmserve.triton_io import OutputInfo, parse_llm_request
 from llmserve.triton_metrics import EngineMetrics
-from llmserve.triton_pb import error_response, int_tensor, request_inputs, string_tensor
+from llmserve.triton_pb import error_response, request_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -34,6 +34,7 @@ class TritonPythonModel:
             max_model_len=setting("max_model_len", None, int),
             max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
             max_queued_requests=setting("max_queued_requests", 256, int),
+            num_threads=setting("num_threads", server_num_threads(), int),
         )
         self.engine = LLMEngine(config)
         self.metrics = EngineMetrics({"model": args["model_name"]})
@@ -67,14 +68,11 @@ class TritonPythonModel:
                                       "(or a sequence_id)")
 
     def _send(self, sender, out: RequestOutput):
+        info = OutputInfo(out.prefix_length, out.text_length, out.num_input_tokens, out.num_output_tokens,
+                          out.seq_id, out.finish_reason or "")
         response = pb_utils.InferenceResponse([
             pb_utils.Tensor("token_ids", np.array([out.token_ids], dtype=np.int32).reshape(1, -1)),
-            int_tensor("prefix_length", out.prefix_length),
-            int_tensor("text_length", out.text_length),
-            string_tensor("finish_reason", out.finish_reason or ""),
-            int_tensor("num_input_tokens", out.num_input_tokens),
-            int_tensor("num_output_tokens", out.num_output_tokens),
-            int_tensor("sequence_id", out.seq_id, np.uint64),
+            pb_utils.Tensor("output_info", info.pack()),
         ])
         sender.send(response, flags=FINAL if out.finished else 0)
 

@@ -6,6 +6,7 @@ postprocessing requests the ensemble creates afterwards report it. So each
 response of a cancelled request asks `llm` (over BLS) to stop that sequence.
 """
 
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -14,15 +15,18 @@ import triton_python_backend_utils as pb_utils
 from llmserve.detokenizer import decode_window
 from llmserve.settings import resolve_model_dir
 from llmserve.tokenizer import load_tokenizer
+from llmserve.triton_io import OutputInfo
 from llmserve.triton_pb import error_response, int_tensor, request_inputs, string_tensor
 
-_REMEMBERED_STOPS = 1024
+_REMEMBERED_SEQUENCES = 4096
+CANCEL_CHECK_S = 0.05
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.decoder = load_tokenizer(resolve_model_dir(args)).backend_tokenizer
         self.stopped: OrderedDict[int, None] = OrderedDict()  # sequences already told to stop
+        self.last_check: OrderedDict[int, float] = OrderedDict()  # sequence -> when cancellation was asked
 
     def execute(self, requests):
         responses = []
@@ -35,24 +39,34 @@ class TritonPythonModel:
 
     def _respond(self, request):
         inputs = request_inputs(request)
-        finish_reason = inputs["finish_reason"].reshape(-1)[0]
-        if not finish_reason and request.is_cancelled():
-            self._stop(int(inputs["sequence_id"].reshape(-1)[0]))
-        text = decode_window(self.decoder, inputs["token_ids"].reshape(-1).tolist(),
-                             int(inputs["prefix_length"].reshape(-1)[0]),
-                             int(inputs["text_length"].reshape(-1)[0]))
+        info = OutputInfo.unpack(inputs["output_info"])
+        if not info.finish_reason and self._cancelled(request, info.sequence_id):
+            self._stop(info.sequence_id)
+        text = decode_window(self.decoder, inputs["token_ids"].reshape(-1).tolist(), info.prefix_length,
+                             info.text_length)
         return pb_utils.InferenceResponse([
             string_tensor("text_output", text),
-            string_tensor("finish_reason", finish_reason),
-            int_tensor("num_input_tokens", int(inputs["num_input_tokens"].reshape(-1)[0])),
-            int_tensor("num_output_tokens", int(inputs["num_output_tokens"].reshape(-1)[0])),
+            string_tensor("finish_reason", info.finish_reason),
+            int_tensor("num_input_tokens", info.num_input_tokens),
+            int_tensor("num_output_tokens", info.num_output_tokens),
         ])
+
+    def _cancelled(self, request, sequence_id: int) -> bool:
+        """request.is_cancelled() is an IPC to the server: ask at most every CANCEL_CHECK_S per sequence."""
+        now = time.monotonic()
+        if now - self.last_check.get(sequence_id, 0.0) < CANCEL_CHECK_S:
+            return False
+        self.last_check[sequence_id] = now
+        self.last_check.move_to_end(sequence_id)
+        if len(self.last_check) > _REMEMBERED_SEQUENCES:
+            self.last_check.popitem(last=False)
+        return request.is_cancelled()
 
     def _stop(self, sequence_id: int) -> None:
         if sequence_id in self.stopped:
             return
         self.stopped[sequence_id] = None
-        if len(self.stopped) > _REMEMBERED_STOPS:
+        if len(self.stopped) > _REMEMBERED_SEQUENCES:
             self.stopped.popitem(last=False)
         stop = pb_utils.InferenceRequest(
             model_name="llm", requested_output_names=[],

@@ -1,0 +1,56 @@
+"""The engine's own limit: the same closed-loop load on an in-process LLMEngine, no server, no transport."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from bench.records import RequestRecord
+from llmserve.config import EngineConfig, SamplingParams
+from llmserve.engine import LLMEngine
+
+
+def make_engine(model_dir: str, max_num_seqs: int) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs))
+
+
+def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_per_worker: int,
+              max_tokens: int) -> list[RequestRecord]:
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
+    pending = [prompts[i % len(prompts)] for i in range(concurrency * requests_per_worker)]
+    pending.reverse()
+    live: dict[int, RequestRecord] = {}
+    records: list[RequestRecord] = []
+
+    def admit() -> None:
+        prompt = pending.pop()
+        record = RequestRecord(start=time.perf_counter())
+        live[engine.add_request("bench", engine.encode(prompt), params, stream=True).seq_id] = record
+
+    while pending and len(live) < concurrency:
+        admit()
+    while live:
+        for out in engine.step():
+            record = live[out.seq_id]
+            now = time.perf_counter()
+            if out.text:
+                record.chunks.append((now, out.num_output_tokens))
+            if out.finished:
+                record.end, record.num_output_tokens = now, out.num_output_tokens
+                records.append(live.pop(out.seq_id))
+                if pending:
+                    admit()
+    return records
+
+
+def prefill_ms(engine: LLMEngine, prompt: str, repeats: int = 20) -> float:
+    """Median time of the engine step that prefills `prompt` alone and samples its first token."""
+    params = SamplingParams(max_tokens=2)
+    times = []
+    for _ in range(repeats):
+        seq = engine.add_request("prefill", engine.encode(prompt), params)
+        start = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - start) * 1e3)
+        engine.abort(seq.seq_id)
+    return statistics.median(times)

@@ -1,0 +1,109 @@
+"""results.json -> results.md (tables, ratios, targets) and results.png (throughput and TTFT vs concurrency)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+SYSTEM_NAMES = {"triton": "this server (ensemble, gRPC)", "naive": "naive server (FastAPI + WebSocket)",
+                "engine": "engine in-process (no server)"}
+TARGETS = {"vs_naive_c32": 10.0, "vs_engine_c32": 0.8, "ttft_c1_minus_prefill_ms": 15.0, "ttft_p95_c32_over_c1": 4.0}
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def ratios(results: dict) -> dict:
+    levels = results["config"]["concurrency"]
+    systems = results["systems"]
+    out: dict = {"per_concurrency": []}
+
+    def tps(system: str, c: int) -> float | None:
+        return systems.get(system, {}).get(str(c), {}).get("output_tokens_per_s")
+
+    for c in levels:
+        ours, naive, engine = tps("triton", c), tps("naive", c), tps("engine", c)
+        out["per_concurrency"].append({
+            "concurrency": c,
+            "vs_naive": ours / naive if ours and naive else None,
+            "vs_engine": ours / engine if ours and engine else None,
+        })
+    by_c = {row["concurrency"]: row for row in out["per_concurrency"]}
+    triton = systems.get("triton", {})
+    if 32 in by_c:
+        out["vs_naive_c32"] = by_c[32]["vs_naive"]
+        out["vs_engine_c32"] = by_c[32]["vs_engine"]
+    if "1" in triton and results.get("prefill_ms") is not None:
+        out["ttft_c1_minus_prefill_ms"] = triton["1"]["ttft_ms_p50"] - results["prefill_ms"]
+    if "1" in triton and "32" in triton:
+        out["ttft_p95_c32_over_c1"] = triton["32"]["ttft_ms_p95"] / triton["1"]["ttft_ms_p95"]
+    return out
+
+
+def markdown(results: dict) -> str:
+    cfg = results["config"]
+    lines = [
+        f"Model `{cfg['model']}`, {cfg['cpus']} CPUs, max_tokens = min_tokens = {cfg['max_tokens']} (greedy), "
+        f"{cfg['requests_per_worker']} requests per worker, {len(cfg['prompts'])} prompts; {results['date']}.",
+        "",
+        "| system | conc. | output tok/s | TTFT p50 / p95 / p99 ms | ITL p50 / p95 ms | TPOT p50 ms "
+        "| latency p50 / p95 ms | errors |",
+        "|---|---:|---:|---|---|---:|---|---:|",
+    ]
+    for system, levels in results["systems"].items():
+        for c, s in levels.items():
+            if "output_tokens_per_s" not in s:
+                lines.append(f"| {system} | {c} | n/a | | | | | {s['errors']} |")
+                continue
+            lines.append(
+                f"| {system} | {c} | {_fmt(s['output_tokens_per_s'], 0)} | {_fmt(s['ttft_ms_p50'])} / "
+                f"{_fmt(s['ttft_ms_p95'])} / {_fmt(s['ttft_ms_p99'])} | {_fmt(s['itl_ms_p50'], 2)} / "
+                f"{_fmt(s['itl_ms_p95'], 2)} | {_fmt(s['tpot_ms_p50'], 2)} | {_fmt(s['latency_ms_p50'], 0)} / "
+                f"{_fmt(s['latency_ms_p95'], 0)} | {s['errors']} |")
+    r = results["ratios"]
+    lines += ["", "| concurrency | this server / naive (tok/s) | this server / in-process engine (tok/s) |",
+              "|---:|---:|---:|"]
+    for row in r["per_concurrency"]:
+        lines.append(f"| {row['concurrency']} | {_fmt(row['vs_naive'], 2)} | {_fmt(row['vs_engine'], 2)} |")
+    lines += ["", f"Prefill time alone (median, in-process): {_fmt(results.get('prefill_ms'), 2)} ms.", "",
+              "| target | measured | goal |", "|---|---:|---|"]
+    goals = {"vs_naive_c32": ">= 10x", "vs_engine_c32": ">= 0.8x",
+             "ttft_c1_minus_prefill_ms": "<= 15 ms", "ttft_p95_c32_over_c1": "< 4x"}
+    labels = {"vs_naive_c32": "throughput vs naive at c=32", "vs_engine_c32": "throughput vs engine at c=32",
+              "ttft_c1_minus_prefill_ms": "TTFT p50 at c=1 minus prefill (ms)",
+              "ttft_p95_c32_over_c1": "TTFT p95 at c=32 / at c=1"}
+    for key, label in labels.items():
+        if key in r:
+            lines.append(f"| {label} | {_fmt(r[key], 2)} | {goals[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system, levels in results["systems"].items():
+        cs = [int(c) for c, s in levels.items() if "output_tokens_per_s" in s]
+        stats = [levels[str(c)] for c in cs]
+        label = SYSTEM_NAMES.get(system, system)
+        line, = tput.plot(cs, [s["output_tokens_per_s"] for s in stats], marker="o", label=label)
+        ttft.plot(cs, [s["ttft_ms_p50"] for s in stats], marker="o", color=line.get_color(), label=f"{system} p50")
+        ttft.plot(cs, [s["ttft_ms_p95"] for s in stats], marker="x", linestyle="--", color=line.get_color(),
+                  label=f"{system} p95")
+    for ax, title, ylabel in ((tput, "Output throughput", "output tokens/s"),
+                              (ttft, "Time to first token", "TTFT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ttft.set_yscale("log")
+    tput.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
