@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model serve test clean
+.PHONY: install model serve test bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ serve: install model
 
 test: install model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+# Side-by-side streaming benchmark: writes build/bench/results.{json,md,png}. Not part of `make test`.
+BENCH_ARGS ?=
+bench: install model
+	$(PY) -m bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 
 clean:
 	rm -rf build/run build/bench build/loadtest

@@ -6,12 +6,13 @@ import statistics
 import time
 
 from bench.records import RequestRecord
-from llmserve.config import EngineConfig, SamplingParams
+from llmserve.config import EngineConfig, SamplingParams, server_num_threads
 from llmserve.engine import LLMEngine
 
 
 def make_engine(model_dir: str, max_num_seqs: int) -> LLMEngine:
-    return LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs))
+    """The engine as the `llm` model configures it (same torch threads), minus the transport."""
+    return LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs, num_threads=server_num_threads()))
 
 
 def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_per_worker: int,

@@ -26,6 +26,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     # Requests allowed to wait for a slot before new ones are refused as overload.
     max_queued_requests: int = 256
+    # Streaming responses per second across all sequences; None = one per step each. Every
+    # response costs IPC and an ensemble hop on the way out; under load, a sequence's
+    # pieces are sent every (running sequences / this) seconds, merged, instead of per step.
+    max_stream_responses_per_s: float | None = None
     # torch intra-op threads; None = torch's default. A server shares the cores with
     # tritonserver, the other models and often the clients (see `server_num_threads`).
     num_threads: int | None = None
@@ -38,6 +42,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_stream_responses_per_s is not None and self.max_stream_responses_per_s <= 0:
+            raise ValueError(f"max_stream_responses_per_s must be > 0, got {self.max_stream_responses_per_s}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be > 0, got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len <= 1:

@@ -5,6 +5,7 @@ Not thread-safe: one thread owns an engine (see `engine_loop.EngineLoop`).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -86,6 +87,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.stats = EngineStats()
         self._sequences: dict[int, Sequence] = {}
+        self._now = 0.0  # this step's clock and streaming interval (max_stream_responses_per_s)
+        self._send_interval = 0.0
 
     # -- requests --------------------------------------------------------------
 
@@ -151,6 +154,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
+        limit = self.config.max_stream_responses_per_s
+        self._send_interval = len(self.scheduler.running) / limit if limit else 0.0
+        self._now = time.monotonic()
         for group in (batch.prefill, batch.decode):
             if not group:
                 continue
@@ -177,9 +183,10 @@ class LLMEngine:
             return self._finish(seq, "stop", stop_matched=True)
         if seq.num_output_tokens >= params.max_tokens:
             return self._finish(seq, "length")
-        if seq.stream:
+        if seq.stream and self._now >= seq.next_send_time:
             emission = seq.output.take()
             if emission is not None:
+                seq.next_send_time = self._now + self._send_interval
                 return self._output(seq, emission)
         return None
 

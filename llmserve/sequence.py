@@ -25,7 +25,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
                  "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng", "token_counts",
-                 "seen_mask", "detokenizer", "output", "arrival_time")
+                 "seen_mask", "detokenizer", "output", "arrival_time", "next_send_time")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
                  stop_ids: frozenset[int], bad_word_ids: list[list[int]],
@@ -49,6 +49,7 @@ class Sequence:
         self.detokenizer = detokenizer
         self.output = output
         self.arrival_time = time.monotonic()
+        self.next_send_time = 0.0  # streaming: pieces wait until then (the first goes at once)
 
     @property
     def num_output_tokens(self) -> int:

@@ -35,6 +35,7 @@ class TritonPythonModel:
             max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
             max_queued_requests=setting("max_queued_requests", 256, int),
             num_threads=setting("num_threads", server_num_threads(), int),
+            max_stream_responses_per_s=setting("max_stream_responses_per_s", None, float),
         )
         self.engine = LLMEngine(config)
         self.metrics = EngineMetrics({"model": args["model_name"]})
