@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -12,7 +13,8 @@ from llmserve.engine import LLMEngine
 
 def make_engine(model_dir: str, max_num_seqs: int) -> LLMEngine:
     """The engine as the `llm` model configures it (same torch threads), minus the transport."""
-    return LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs, num_threads=server_num_threads()))
+    return LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs,
+                                  num_threads=server_num_threads(), prefill_num_threads=os.cpu_count()))
 
 
 def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_per_worker: int,

@@ -33,6 +33,7 @@ class EngineConfig:
     # torch intra-op threads; None = torch's default. A server shares the cores with
     # tritonserver, the other models and often the clients (see `server_num_threads`).
     num_threads: int | None = None
+    prefill_num_threads: int | None = None  # None = num_threads
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -44,8 +45,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_stream_responses_per_s is not None and self.max_stream_responses_per_s <= 0:
             raise ValueError(f"max_stream_responses_per_s must be > 0, got {self.max_stream_responses_per_s}")
-        if self.num_threads is not None and self.num_threads <= 0:
-            raise ValueError(f"num_threads must be > 0, got {self.num_threads}")
+        for name in ("num_threads", "prefill_num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
 

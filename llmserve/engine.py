@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -59,6 +59,32 @@ def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
                    prefix_length=first.prefix_length, text_length=text_length, text=first.text + second.text)
 
 
+# What one more forward pass costs, in padded token positions: a prefill group is split off
+# only when it saves more padding than this.
+PREFILL_PASS_OVERHEAD_TOKENS = 32
+
+
+def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Prompts padded into as few forward passes as pay off: sorted by length, split where the
+    padding saved beats a pass's overhead (an exact partition by dynamic programming)."""
+    if len(seqs) <= 1:
+        return [seqs] if seqs else []
+    ordered = sorted(seqs, key=lambda s: len(s.pending_ids))
+    lengths = [len(s.pending_ids) for s in ordered]
+    # best[j]: cheapest cost of the first j prompts; a group ordered[i:j] costs (j - i) * lengths[j - 1].
+    best, cut = [0.0] + [float("inf")] * len(ordered), [0] * (len(ordered) + 1)
+    for j in range(1, len(ordered) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[j - 1] + PREFILL_PASS_OVERHEAD_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(ordered)
+    while j:
+        groups.append(ordered[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
@@ -71,8 +97,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner=None,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        # Prefill is compute-bound and comes in bursts while the rest of the server waits for first
+        # tokens, so it may use more threads than decode, which shares the cores with the transport.
+        self._decode_threads = config.num_threads or torch.get_num_threads()
+        self._prefill_threads = config.prefill_num_threads or self._decode_threads
         if runner is None:
             from llmserve.model_runner import TorchModelRunner
             runner = TorchModelRunner(config.model_dir, num_slots=config.max_num_seqs,
@@ -151,23 +179,32 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
+    def step(self, emit: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+        """Run one step. With `emit`, each forward pass's outputs go out as soon as it is done (new
+        requests' first tokens do not wait for the decode pass) and the step returns []."""
         batch = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
         limit = self.config.max_stream_responses_per_s
         self._send_interval = len(self.scheduler.running) / limit if limit else 0.0
         self._now = time.monotonic()
-        for group in (batch.prefill, batch.decode):
-            if not group:
-                continue
+        outputs: list[RequestOutput] = []
+        groups = [(g, self._prefill_threads) for g in prefill_groups(batch.prefill)]
+        if batch.decode:
+            groups.append((batch.decode, self._decode_threads))
+        for group, threads in groups:
+            torch.set_num_threads(threads)
             logits = self.runner.forward([s.slot for s in group], [s.pending_ids for s in group],
                                          [s.num_cached for s in group])
             tokens = self.sampler(logits, group)
+            group_outputs = []
             for seq, token in zip(group, tokens):
                 seq.num_cached = len(seq.ids)
                 out = self._postprocess(seq, token)
                 if out is not None:
-                    outputs.append(out)
+                    group_outputs.append(out)
+            if emit is not None:
+                emit(group_outputs)
+            else:
+                outputs.extend(group_outputs)
         if batch:
             self.stats.steps += 1
         return outputs

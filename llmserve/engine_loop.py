@@ -131,13 +131,11 @@ class EngineLoop:
             if not self._drain_inbox(block=not self.engine.has_unfinished()):
                 break
             try:
-                outputs = self.engine.step()
+                self.engine.step(emit=self._deliver_all)
             except Exception as exc:  # a bug in a step must not take every other request down
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            for out in outputs:
-                self._deliver(out)
             if self._after_step is not None:
                 self._after_step(self.engine)
             if self._is_cancelled is not None and time.monotonic() >= next_cancel_check:
@@ -181,6 +179,10 @@ class EngineLoop:
             outputs = [out] if out is not None else []
         else:
             outputs = self.engine.abort_request(item.request_id)
+        for out in outputs:
+            self._deliver(out)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             self._deliver(out)
 

@@ -163,3 +163,16 @@ def test_merged_outputs_decode_to_the_joined_text(engine_factory):
     merged = reduce(merge_outputs, outputs)
     assert merged.text == "".join(o.text for o in outputs) == free[:free.index(stop)]
     assert merged.finished and merged.finish_reason == "stop"
+
+
+def test_prefill_groups_cut_padding_and_keep_everyone(engine_factory):
+    from llmserve.engine import PREFILL_PASS_OVERHEAD_TOKENS, prefill_groups
+
+    engine = engine_factory()
+    seqs = [engine.add_request(str(n), [5] * n, SamplingParams(max_tokens=2)) for n in (3, 40, 4, 38, 3, 41, 5, 39)]
+    groups = prefill_groups(seqs)
+    assert sorted(s.seq_id for g in groups for s in g) == sorted(s.seq_id for s in seqs)
+    assert [[len(s.pending_ids) for s in g] for g in groups] == [[3, 3, 4, 5], [38, 39, 40, 41]]
+    same = [engine.add_request("x", [5] * 10, SamplingParams(max_tokens=2)) for _ in range(6)]
+    assert len(prefill_groups(same)) == 1  # splitting equal lengths saves nothing
+    assert PREFILL_PASS_OVERHEAD_TOKENS > 0 and prefill_groups([]) == []

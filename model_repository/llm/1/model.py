@@ -1,8 +1,10 @@
 """llm: the in-flight batching engine as a decoupled Triton model (thin adapter over llmserve).
 
 `execute` parses and hands requests to the engine thread and returns at once;
-the engine thread sends every response, from one place (`_send`).
+the engine loop's sender thread sends every response, from one place (`_send`).
 """
+
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -35,6 +37,7 @@ class TritonPythonModel:
             max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
             max_queued_requests=setting("max_queued_requests", 256, int),
             num_threads=setting("num_threads", server_num_threads(), int),
+            prefill_num_threads=setting("prefill_num_threads", os.cpu_count(), int),
             max_stream_responses_per_s=setting("max_stream_responses_per_s", None, float),
         )
         self.engine = LLMEngine(config)
