@@ -17,6 +17,7 @@ from pathlib import Path
 from bench import engine_limit, loadgen, report
 from bench.metrics import summarize
 from bench.prompts import PROMPTS
+from llmserve.memory import freeze_startup_objects
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,18 +42,25 @@ async def _sweep(system: str, request, args, results: dict) -> None:
         _store(results, system, c, summarize(records))
 
 
-def run_triton(args, results: dict) -> None:
+def run_triton(args, results: dict, name: str = "triton", settings: dict[str, str] | None = None) -> None:
     from bench.triton_driver import triton_request
     from client import AsyncClient
     from llmserve.launcher import TritonServer, model_env
 
     async def main(url: str) -> None:
         async with AsyncClient(url, timeout=600) as client:
-            await _sweep("triton", lambda p: triton_request(client, p, args.max_tokens, args.max_tokens),
+            await _sweep(name, lambda p: triton_request(client, p, args.max_tokens, args.max_tokens),
                          args, results)
 
-    with TritonServer(env=model_env(args.model_dir), log_path=args.out / "triton.log") as server:
+    env = model_env(args.model_dir, **(settings or {}))
+    with TritonServer(env=env, log_path=args.out / f"{name}.log") as server:
         asyncio.run(main(server.grpc_url))
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    """NAME:KEY=VALUE,KEY=VALUE -> this server again, with those `llm` settings (LLM_<KEY>)."""
+    name, _, assignments = text.partition(":")
+    return f"triton[{name}]", dict(a.split("=", 1) for a in assignments.split(",") if a)
 
 
 def run_naive(args, results: dict) -> None:
@@ -79,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-worker", type=int, default=2)
     parser.add_argument("--systems", default="engine,triton,naive")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench")
+    parser.add_argument("--variant", type=_variant, action="append", default=[],
+                        help="also run this server with other llm settings, side by side: "
+                             "NAME:KEY=VALUE,... (e.g. per-step:max_stream_responses_per_s=)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {
@@ -88,10 +99,14 @@ def main(argv: list[str] | None = None) -> None:
                    "requests_per_worker": args.requests_per_worker, "prompts": PROMPTS},
         "systems": {},
     }
+    freeze_startup_objects()  # the load generator's own GC pauses would blur every system's figures
     runners = {"engine": run_engine, "triton": run_triton, "naive": run_naive}
     for system in args.systems.split(","):
         print(f"{system}:", file=sys.stderr, flush=True)
         runners[system](args, results)
+    for name, settings in args.variant:
+        print(f"{name}:", file=sys.stderr, flush=True)
+        run_triton(args, results, name, settings)
     results["ratios"] = report.ratios(results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = report.markdown(results)

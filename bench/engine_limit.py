@@ -9,12 +9,16 @@ import time
 from bench.records import RequestRecord
 from llmserve.config import EngineConfig, SamplingParams, server_num_threads
 from llmserve.engine import LLMEngine
+from llmserve.memory import freeze_startup_objects
 
 
 def make_engine(model_dir: str, max_num_seqs: int) -> LLMEngine:
-    """The engine as the `llm` model configures it (same torch threads), minus the transport."""
-    return LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs,
+    """The engine as the `llm` model configures it (same torch threads, frozen start-up heap),
+    minus the transport."""
+    engine = LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs,
                                   num_threads=server_num_threads(), prefill_num_threads=os.cpu_count()))
+    freeze_startup_objects()
+    return engine
 
 
 def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_per_worker: int,

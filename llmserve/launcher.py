@@ -83,10 +83,20 @@ def server_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held open until chosen, so the OS cannot hand one out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def server_command(install: TritonInstall, model_repository: Path, grpc_port: int, http_port: int,
@@ -100,8 +110,9 @@ def server_command(install: TritonInstall, model_repository: Path, grpc_port: in
 def model_env(model_dir: str | None = None, runtime: str | None = None, **extra: str | int) -> dict[str, str]:
     """LLM_* variables the models read (see llmserve.settings)."""
     env = {"LLM_MODEL_DIR": str(Path(model_dir).resolve()) if model_dir else None, "LLM_RUNTIME": runtime}
-    env.update({f"LLM_{k.upper()}": str(v) for k, v in extra.items()})
-    return {k: v for k, v in env.items() if v}
+    env = {k: v for k, v in env.items() if v}
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in extra.items()})  # "" = the setting's default
+    return env
 
 
 class TritonServer:
@@ -110,7 +121,7 @@ class TritonServer:
     def __init__(self, model_repository: str | os.PathLike = DEFAULT_MODEL_REPOSITORY, *,
                  env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
         self.model_repository = Path(model_repository)
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         self._env = server_env(env)
         self._log_path = Path(log_path) if log_path else None
         self._log = None

@@ -14,10 +14,10 @@ DEFAULT_MODEL_DIR = "build/models/default"  # relative to the repository root
 
 
 def model_parameter(args: dict, key: str, default: str = "") -> str:
-    """A model's setting: env LLM_<KEY> > config.pbtxt parameter > default."""
+    """A model's setting: env LLM_<KEY> (set, even empty) > config.pbtxt parameter > default."""
     env = os.environ.get(f"LLM_{key.upper()}")
-    if env:
-        return env
+    if env is not None:
+        return env.strip() or default
     params = json.loads(args["model_config"]).get("parameters", {})
     value = params.get(key, {}).get("string_value", "")
     return value if value and not value.startswith("${") else default

@@ -13,6 +13,7 @@ from llmserve.config import EngineConfig, server_num_threads
 from llmserve.engine import LLMEngine, RequestOutput
 from llmserve.engine_loop import EngineLoop
 from llmserve.errors import InvalidRequestError
+from llmserve.memory import freeze_startup_objects
 from llmserve.settings import model_parameter, resolve_model_dir
 from llmserve.triton_io import OutputInfo, parse_llm_request
 from llmserve.triton_metrics import EngineMetrics
@@ -46,6 +47,7 @@ class TritonPythonModel:
                                is_cancelled=lambda sender: sender.is_cancelled(),
                                after_step=self.metrics.update)
         self.loop.start()
+        freeze_startup_objects()
 
     def execute(self, requests):
         for request in requests:

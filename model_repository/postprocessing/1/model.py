@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llmserve.detokenizer import decode_window
+from llmserve.memory import freeze_startup_objects
 from llmserve.settings import resolve_model_dir
 from llmserve.tokenizer import load_tokenizer
 from llmserve.triton_io import OutputInfo
@@ -27,6 +28,7 @@ class TritonPythonModel:
         self.decoder = load_tokenizer(resolve_model_dir(args)).backend_tokenizer
         self.stopped: OrderedDict[int, None] = OrderedDict()  # sequences already told to stop
         self.last_check: OrderedDict[int, float] = OrderedDict()  # sequence -> when cancellation was asked
+        freeze_startup_objects()
 
     def execute(self, requests):
         responses = []

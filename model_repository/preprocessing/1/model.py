@@ -8,6 +8,7 @@ end with an empty response and no error.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from llmserve.memory import freeze_startup_objects
 from llmserve.settings import resolve_model_dir
 from llmserve.tokenizer import encode_prompt, load_tokenizer
 from llmserve.triton_io import parse_prompt_request
@@ -17,6 +18,7 @@ from llmserve.triton_pb import error_response, request_inputs
 class TritonPythonModel:
     def initialize(self, args):
         self.tokenizer = load_tokenizer(resolve_model_dir(args))
+        freeze_startup_objects()
 
     def execute(self, requests):
         responses = []
