@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=str(REPO_ROOT / "build" / "models" / "default"))
     parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64, help="also min_tokens: every request the same length")
-    parser.add_argument("--requests-per-worker", type=int, default=2)
+    parser.add_argument("--requests-per-worker", type=int, default=4)
     parser.add_argument("--systems", default="engine,triton,naive")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench")
     parser.add_argument("--variant", type=_variant, action="append", default=[],
