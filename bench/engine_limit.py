@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -16,7 +15,7 @@ def make_engine(model_dir: str, max_num_seqs: int) -> LLMEngine:
     """The engine as the `llm` model configures it (same torch threads, frozen start-up heap),
     minus the transport."""
     engine = LLMEngine(EngineConfig(model_dir=model_dir, max_num_seqs=max_num_seqs,
-                                  num_threads=server_num_threads(), prefill_num_threads=os.cpu_count()))
+                                  num_threads=server_num_threads()))
     freeze_startup_objects()
     return engine
 

@@ -18,12 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,7 +30,7 @@ import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from llmserve.launcher import free_port
+from llmserve.launcher import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,16 +113,23 @@ def create_app(model_dir: str | os.PathLike) -> FastAPI:
     return app
 
 
-class NaiveServer:
-    """The naive server as a subprocess on a free port; a context manager that always stops it."""
+class NaiveServer(ServerProcess):
+    """The naive server as a subprocess on a free port."""
+
+    name = "naive server"
+    stop_timeout = 10.0  # generation threads ignore uvicorn's shutdown: SIGKILL after this
 
     def __init__(self, model_dir: str | os.PathLike, *, host: str = "127.0.0.1",
                  log_path: str | os.PathLike | None = None) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # cwd: `bench` is not an installed package.
+        super().__init__(env=env, log_path=log_path, cwd=REPO_ROOT)
         self.model_dir = Path(model_dir).resolve()
         self.host, self.port = host, free_port()
-        self._log_path = Path(log_path) if log_path else None
-        self._log = None
-        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.naive_server", "--model-dir", str(self.model_dir),
+                "--host", self.host, "--port", str(self.port)]
 
     @property
     def url(self) -> str:
@@ -135,57 +138,6 @@ class NaiveServer:
     @property
     def health_url(self) -> str:
         return f"http://{self.host}:{self.port}/health"
-
-    def start(self, timeout: float = 120.0) -> NaiveServer:
-        cmd = [sys.executable, "-m", "bench.naive_server", "--model-dir", str(self.model_dir),
-               "--host", self.host, "--port", str(self.port)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self._log = open(self._log_path, "w+b") if self._log_path else tempfile.TemporaryFile()
-        # cwd: `bench` is not an installed package; a new session so that SIGINT reaches only it.
-        self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"naive server exited with code {self.process.returncode}:\n{self.log_tail()}")
-            if self.ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"naive server not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def log_tail(self, chars: int = 6000) -> str:
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read().decode("utf-8", "replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)  # uvicorn shuts down gracefully on SIGINT
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                # Generation threads ignore the shutdown; the process may not exit on its own.
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> NaiveServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

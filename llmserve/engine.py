@@ -97,8 +97,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner=None,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.config = config
-        # Prefill is compute-bound and comes in bursts while the rest of the server waits for first
-        # tokens, so it may use more threads than decode, which shares the cores with the transport.
+        # Prefill may use its own thread count (compute-bound bursts); decode shares the cores with
+        # the transport.
         self._decode_threads = config.num_threads or torch.get_num_threads()
         self._prefill_threads = config.prefill_num_threads or self._decode_threads
         if runner is None:

@@ -115,49 +115,46 @@ def model_env(model_dir: str | None = None, runtime: str | None = None, **extra:
     return env
 
 
-class TritonServer:
-    """A tritonserver process on free ports; a context manager that always stops it."""
+class ServerProcess:
+    """A server subprocess in its own process group, ready when its health URL answers 200;
+    a context manager that always stops it (SIGINT to the group, then SIGKILL)."""
 
-    def __init__(self, model_repository: str | os.PathLike = DEFAULT_MODEL_REPOSITORY, *,
-                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
-        self.model_repository = Path(model_repository)
-        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
-        self._env = server_env(env)
+    name = "server"
+    stop_timeout = 20.0
+
+    def __init__(self, *, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+                 cwd: str | os.PathLike | None = None) -> None:
+        self._env = env
+        self._cwd = cwd
         self._log_path = Path(log_path) if log_path else None
         self._log = None
         self.process: subprocess.Popen | None = None
 
-    @property
-    def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     @property
-    def http_url(self) -> str:
-        return f"http://localhost:{self.http_port}"
+    def health_url(self) -> str:
+        raise NotImplementedError
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
-
-    def start(self, timeout: float = 240.0) -> TritonServer:
-        install = find_tritonserver()
-        cmd = server_command(install, self.model_repository, self.grpc_port, self.http_port, self.metrics_port)
+    def start(self, timeout: float = 240.0):
+        cmd = self.command()
         self._log = open(self._log_path, "w+b") if self._log_path else tempfile.TemporaryFile()
-        self.process = subprocess.Popen(cmd, env=self._env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(cmd, env=self._env, cwd=self._cwd, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.ready():
                 return self
             time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(self.health_url, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -171,9 +168,9 @@ class TritonServer:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)  # the whole group: server and model stubs
+            os.killpg(self.process.pid, signal.SIGINT)  # the whole group: e.g. tritonserver and its model stubs
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
@@ -181,11 +178,43 @@ class TritonServer:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class TritonServer(ServerProcess):
+    """tritonserver on free ports, serving the model repository."""
+
+    name = "tritonserver"
+
+    def __init__(self, model_repository: str | os.PathLike = DEFAULT_MODEL_REPOSITORY, *,
+                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
+        super().__init__(env=server_env(env), log_path=log_path)
+        self.model_repository = Path(model_repository)
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+
+    def command(self) -> list[str]:
+        return server_command(find_tritonserver(), self.model_repository, self.grpc_port, self.http_port,
+                              self.metrics_port)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.http_url}/v2/health/ready"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,6 @@
 the engine loop's sender thread sends every response, from one place (`_send`).
 """
 
-import os
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -38,7 +36,7 @@ class TritonPythonModel:
             max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
             max_queued_requests=setting("max_queued_requests", 256, int),
             num_threads=setting("num_threads", server_num_threads(), int),
-            prefill_num_threads=setting("prefill_num_threads", os.cpu_count(), int),
+            prefill_num_threads=setting("prefill_num_threads", None, int),
             max_stream_responses_per_s=setting("max_stream_responses_per_s", None, float),
         )
         self.engine = LLMEngine(config)
