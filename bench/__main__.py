@@ -1,13 +1,14 @@
 """`python -m bench` (`make bench`): start the servers on free ports, sweep concurrency, write the results.
 
-Order: the in-process engine first (no server running), then this server, then
-the naive server, each alone on the machine, all in one run.
+All systems are up for the whole run; they are measured one at a time (the others
+idle), level by level, so each ratio compares measurements taken close together.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -26,50 +27,89 @@ def _levels(text: str) -> list[int]:
     return [int(c) for c in text.split(",") if c]
 
 
-def run_engine(args, results: dict) -> None:
-    engine = engine_limit.make_engine(args.model_dir, max(args.concurrency))
-    engine_limit.run_level(engine, PROMPTS, 2, 1, 8)  # warm-up
-    results["prefill_ms"] = engine_limit.prefill_ms(engine, PROMPTS[0])
-    for c in args.concurrency:
-        records = engine_limit.run_level(engine, PROMPTS, c, args.requests_per_worker, args.max_tokens)
-        _store(results, "engine", c, summarize(records))
+class EngineSystem:
+    """The in-process engine: its own limit, no transport."""
+
+    name = "engine"
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.engine = engine_limit.make_engine(args.model_dir, max(args.concurrency))
+
+    def __enter__(self) -> EngineSystem:
+        engine_limit.run_level(self.engine, PROMPTS, 2, 1, 8)  # warm-up
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run_level(self, concurrency: int):
+        return engine_limit.run_level(self.engine, PROMPTS, concurrency, self.args.requests_per_worker,
+                                      self.args.max_tokens)
 
 
-async def _sweep(system: str, request, args, results: dict) -> None:
-    await loadgen.run_level(request, PROMPTS, 2, 1)  # warm-up
-    for c in args.concurrency:
-        records = await loadgen.run_level(request, PROMPTS, c, args.requests_per_worker)
-        _store(results, system, c, summarize(records))
+class _ServedSystem:
+    """A server in a subprocess, idle while the other systems are measured, driven over asyncio."""
+
+    def __init__(self, args, name: str, server) -> None:
+        self.args, self.name, self.server = args, name, server
+        self.loop = asyncio.new_event_loop()
+
+    def __enter__(self):
+        self.server.start()
+        self.run_level(2)  # warm-up
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_client()
+        self.loop.close()
+        self.server.stop()
+
+    def run_level(self, concurrency: int):
+        return self.loop.run_until_complete(
+            loadgen.run_level(self.request, PROMPTS, concurrency, self.args.requests_per_worker))
+
+    def close_client(self) -> None:
+        pass
 
 
-def run_triton(args, results: dict, name: str = "triton", settings: dict[str, str] | None = None) -> None:
-    from bench.triton_driver import triton_request
-    from client import AsyncClient
-    from llmserve.launcher import TritonServer, model_env
+class TritonSystem(_ServedSystem):
+    def __init__(self, args, name: str = "triton", settings: dict[str, str] | None = None) -> None:
+        from llmserve.launcher import TritonServer, model_env
 
-    async def main(url: str) -> None:
-        async with AsyncClient(url, timeout=600) as client:
-            await _sweep(name, lambda p: triton_request(client, p, args.max_tokens, args.max_tokens),
-                         args, results)
+        env = model_env(args.model_dir, **(settings or {}))
+        super().__init__(args, name, TritonServer(env=env, log_path=args.out / f"{name}.log"))
+        self.client = None
 
-    env = model_env(args.model_dir, **(settings or {}))
-    with TritonServer(env=env, log_path=args.out / f"{name}.log") as server:
-        asyncio.run(main(server.grpc_url))
+    async def request(self, prompt: str):
+        from bench.triton_driver import triton_request
+        from client import AsyncClient
+
+        if self.client is None:  # made inside the loop: a grpc.aio channel belongs to it
+            self.client = AsyncClient(self.server.grpc_url, timeout=600)
+        return await triton_request(self.client, prompt, self.args.max_tokens, self.args.max_tokens)
+
+    def close_client(self) -> None:
+        if self.client is not None:
+            self.loop.run_until_complete(self.client.close())
+
+
+class NaiveSystem(_ServedSystem):
+    def __init__(self, args) -> None:
+        from bench.naive_server import NaiveServer
+
+        super().__init__(args, "naive", NaiveServer(args.model_dir, log_path=args.out / "naive.log"))
+
+    async def request(self, prompt: str):
+        from bench.naive_client import naive_request
+
+        return await naive_request(self.server.url, prompt, self.args.max_tokens, self.args.max_tokens)
 
 
 def _variant(text: str) -> tuple[str, dict[str, str]]:
     """NAME:KEY=VALUE,KEY=VALUE -> this server again, with those `llm` settings (LLM_<KEY>)."""
     name, _, assignments = text.partition(":")
     return f"triton[{name}]", dict(a.split("=", 1) for a in assignments.split(",") if a)
-
-
-def run_naive(args, results: dict) -> None:
-    from bench.naive_client import naive_request
-    from bench.naive_server import NaiveServer
-
-    with NaiveServer(args.model_dir, log_path=args.out / "naive.log") as server:
-        asyncio.run(_sweep("naive", lambda p: naive_request(server.url, p, args.max_tokens, args.max_tokens),
-                           args, results))
 
 
 def _store(results: dict, system: str, concurrency: int, summary: dict) -> None:
@@ -99,14 +139,23 @@ def main(argv: list[str] | None = None) -> None:
                    "requests_per_worker": args.requests_per_worker, "prompts": PROMPTS},
         "systems": {},
     }
-    freeze_startup_objects()  # the load generator's own GC pauses would blur every system's figures
-    runners = {"engine": run_engine, "triton": run_triton, "naive": run_naive}
-    for system in args.systems.split(","):
-        print(f"{system}:", file=sys.stderr, flush=True)
-        runners[system](args, results)
-    for name, settings in args.variant:
-        print(f"{name}:", file=sys.stderr, flush=True)
-        run_triton(args, results, name, settings)
+    factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),
+                 "naive": lambda: NaiveSystem(args)}
+    systems = [factories[name]() for name in args.systems.split(",")]
+    systems += [TritonSystem(args, name, settings) for name, settings in args.variant]
+    with contextlib.ExitStack() as stack:
+        for system in systems:
+            print(f"starting {system.name}", file=sys.stderr, flush=True)
+            stack.enter_context(system)
+        freeze_startup_objects()  # the load generator's own GC pauses would blur every system's figures
+        engine = next((s for s in systems if isinstance(s, EngineSystem)), None)
+        if engine is not None:
+            results["prefill_ms"] = engine_limit.prefill_ms(engine.engine, PROMPTS[0])
+        # Level by level, every system in turn (the others idle): ratios compare runs minutes apart
+        # at most, on a machine whose speed drifts.
+        for c in args.concurrency:
+            for system in systems:
+                _store(results, system.name, c, summarize(system.run_level(c)))
     results["ratios"] = report.ratios(results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = report.markdown(results)
