@@ -20,8 +20,6 @@ import asyncio
 import os
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
