@@ -179,8 +179,7 @@ class EngineLoop:
             outputs = [out] if out is not None else []
         else:
             outputs = self.engine.abort_request(item.request_id)
-        for out in outputs:
-            self._deliver(out)
+        self._deliver_all(outputs)
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

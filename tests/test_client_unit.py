@@ -7,7 +7,6 @@ and a real connection-refused round trip against a port nothing listens on.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ from client import (
 )
 from client._common import normalize_url, send_stop
 from client._tensors import ChunkAssembler, build_request, build_stop_inputs
+from llmserve.launcher import free_port
 
 # --------------------------------------------------------------------------- helpers
 
@@ -70,12 +70,6 @@ def _result(text: bytes | None = None, reason: str | None = None, n_in: int | No
         add("num_output_tokens", "INT32", np.array([[n_out]], dtype=np.int32).tobytes())
     response.parameters["triton_final_response"].bool_param = final
     return InferResult(response)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- tensors
@@ -191,13 +185,13 @@ def test_range_checks_are_left_to_the_server():
 
 
 def test_clients_validate_before_any_network_io():
-    client = Client(f"127.0.0.1:{_free_port()}")
+    client = Client(f"127.0.0.1:{free_port()}")
     with pytest.raises(ValueError):
         client.stream("hi", max_tokens=0)  # raises at the call, not at the first next()
     with pytest.raises(ValueError):
         client.generate("hi", max_tokens=-5)
     client.close()
-    aclient = AsyncClient(f"127.0.0.1:{_free_port()}")
+    aclient = AsyncClient(f"127.0.0.1:{free_port()}")
     with pytest.raises(ValueError):
         aclient.stream("hi", max_tokens=0)
     with pytest.raises(ValueError):
@@ -355,7 +349,7 @@ def test_unavailable_message_is_helpful():
 
 
 def test_sync_connection_refused_is_fast_and_helpful():
-    url = f"127.0.0.1:{_free_port()}"
+    url = f"127.0.0.1:{free_port()}"
     with Client(url, timeout=30) as client:
         start = time.monotonic()
         with pytest.raises(ServerUnavailableError) as info:
@@ -368,7 +362,7 @@ def test_sync_connection_refused_is_fast_and_helpful():
 
 
 def test_async_connection_refused_is_fast_and_helpful():
-    url = f"127.0.0.1:{_free_port()}"
+    url = f"127.0.0.1:{free_port()}"
 
     async def run() -> ServerUnavailableError:
         async with AsyncClient(url, timeout=30) as client:
@@ -388,12 +382,12 @@ def test_async_connection_refused_is_fast_and_helpful():
 
 def test_stop_helper_never_raises_and_is_bounded():
     start = time.monotonic()
-    assert send_stop(f"127.0.0.1:{_free_port()}", "abc", timeout=1.0) is False
+    assert send_stop(f"127.0.0.1:{free_port()}", "abc", timeout=1.0) is False
     assert time.monotonic() - start < 3
 
 
 def test_closed_client_refuses_new_streams():
-    client = Client(f"127.0.0.1:{_free_port()}")
+    client = Client(f"127.0.0.1:{free_port()}")
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         next(client.stream("hi"))

@@ -59,7 +59,7 @@ class TritonPythonModel:
                 self.loop.submit(sender, request.request_id(), parsed.prompt_ids, parsed.params,
                                  stream=parsed.stream, echo_prompt=parsed.echo_prompt)
             except Exception as exc:
-                sender.send(error_response(exc), flags=FINAL)
+                self._fail(sender, exc)
         return None
 
     def _stop(self, request_id, sequence_id):

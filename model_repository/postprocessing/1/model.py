@@ -26,8 +26,8 @@ CANCEL_CHECK_S = 0.05
 class TritonPythonModel:
     def initialize(self, args):
         self.decoder = load_tokenizer(resolve_model_dir(args)).backend_tokenizer
-        self.stopped: OrderedDict[int, None] = OrderedDict()  # sequences already told to stop
-        self.last_check: OrderedDict[int, float] = OrderedDict()  # sequence -> when cancellation was asked
+        # sequence -> when its cancellation was last asked (inf once it was told to stop), bounded
+        self.last_check: OrderedDict[int, float] = OrderedDict()
         freeze_startup_objects()
 
     def execute(self, requests):
@@ -54,22 +54,22 @@ class TritonPythonModel:
         ])
 
     def _cancelled(self, request, sequence_id: int) -> bool:
-        """request.is_cancelled() is an IPC to the server: ask at most every CANCEL_CHECK_S per sequence."""
+        """request.is_cancelled() is an IPC to the server: ask at most every CANCEL_CHECK_S per sequence,
+        and never again for one already stopped."""
         now = time.monotonic()
         if now - self.last_check.get(sequence_id, 0.0) < CANCEL_CHECK_S:
             return False
-        self.last_check[sequence_id] = now
+        self._remember(sequence_id, now)
+        return request.is_cancelled()
+
+    def _remember(self, sequence_id: int, checked_at: float) -> None:
+        self.last_check[sequence_id] = checked_at
         self.last_check.move_to_end(sequence_id)
         if len(self.last_check) > _REMEMBERED_SEQUENCES:
             self.last_check.popitem(last=False)
-        return request.is_cancelled()
 
     def _stop(self, sequence_id: int) -> None:
-        if sequence_id in self.stopped:
-            return
-        self.stopped[sequence_id] = None
-        if len(self.stopped) > _REMEMBERED_SEQUENCES:
-            self.stopped.popitem(last=False)
+        self._remember(sequence_id, float("inf"))
         stop = pb_utils.InferenceRequest(
             model_name="llm", requested_output_names=[],
             inputs=[pb_utils.Tensor("stop", np.array([[True]])),
