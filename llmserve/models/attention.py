@@ -13,6 +13,7 @@ device sync) and never touches a position that is ever read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,16 @@ class SlotKVCache:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
+class Attention(Protocol):
+    """How the layers of one forward call attend: the runner's slot-cache layout (`AttentionBatch`)
+    or the ONNX export's past/present layout (`llmserve.export.graph`)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store this layer's new k, v [B, T, Hkv, D], attend q [B, T, H, D]; returns [B, T, H*D]."""
+        ...
+
+
 @dataclass(slots=True)
 class AttentionBatch:
     """Per-call layout, computed once and shared by every layer.
@@ -51,6 +62,10 @@ class AttentionBatch:
     kv_len: int  # keys attended: positions [0, kv_len) of each slot
     # Boolean "may attend" mask broadcastable to [B, num_kv_heads, T*q_per_kv, kv_len]; None = all.
     mask: torch.Tensor | None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        return cached_attention(q, k, v, k_cache, v_cache, self, scale)
 
 
 def plan_attention(*, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,

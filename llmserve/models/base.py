@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.models.attention import AttentionBatch, SlotKVCache
+from llmserve.models.attention import Attention, SlotKVCache
 
 
 def make_lm_head(hidden_size: int, vocab_size: int, tied: bool) -> nn.Linear | None:
@@ -40,7 +40,7 @@ class DecoderLM(nn.Module):
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: SlotKVCache,
-                batch: AttentionBatch) -> torch.Tensor:
+                batch: Attention) -> torch.Tensor:
         """Hidden states after the final norm, [B, T, hidden], for input_ids/positions [B, T].
 
         Appends each token's K/V to the cache as laid out by `batch`.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmserve.models.attention import AttentionBatch, SlotKVCache, cached_attention
+from llmserve.models.attention import Attention, SlotKVCache
 from llmserve.models.base import DecoderLM, make_lm_head
 from llmserve.models.layers import get_activation
 from llmserve.models.weights import assign_parameters, strip_prefix
@@ -64,10 +64,10 @@ class GPT2Attention(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                batch: AttentionBatch) -> torch.Tensor:
+                batch: Attention) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.c_proj(cached_attention(q, k, v, k_cache, v_cache, batch, self.scale))
+        return self.c_proj(batch.attend(q, k, v, k_cache, v_cache, self.scale))
 
 
 class GPT2MLP(nn.Module):
@@ -90,7 +90,7 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(cfg)
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                batch: AttentionBatch) -> torch.Tensor:
+                batch: Attention) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), k_cache, v_cache, batch)
         return x + self.mlp(self.ln_2(x))
 
@@ -122,7 +122,7 @@ class GPT2LMHeadModel(DecoderLM):
         assign_parameters(self, tensors, [".attn.bias", ".attn.masked_bias", *self.unused_checkpoint_keys()])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: SlotKVCache,
-                batch: AttentionBatch) -> torch.Tensor:
+                batch: Attention) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
         for block, k_cache, v_cache in zip(self.h, kv.k, kv.v):
             x = block(x, k_cache, v_cache, batch)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmserve.models.attention import AttentionBatch, SlotKVCache, cached_attention
+from llmserve.models.attention import Attention, SlotKVCache
 from llmserve.models.base import DecoderLM, make_lm_head
 from llmserve.models.hf_config import rope_settings
 from llmserve.models.layers import RMSNorm, RotaryEmbedding, get_activation, rope_linear_factor
@@ -97,7 +97,7 @@ class LlamaAttention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+                v_cache: torch.Tensor, batch: Attention) -> torch.Tensor:
         B, T, _ = x.shape
         heads, kv_heads, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -106,7 +106,7 @@ class LlamaAttention(nn.Module):
         qk = RotaryEmbedding.apply(qkv[..., :qk_size].view(B, T, heads + kv_heads, D), cos, sin)
         q, k = qk.split([heads, kv_heads], dim=2)
         v = qkv[..., qk_size:].view(B, T, kv_heads, D)
-        return self.o_proj(cached_attention(q, k, v, k_cache, v_cache, batch, self.scale))
+        return self.o_proj(batch.attend(q, k, v, k_cache, v_cache, self.scale))
 
 
 class LlamaMLP(nn.Module):
@@ -130,7 +130,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+                v_cache: torch.Tensor, batch: Attention) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -168,7 +168,7 @@ class LlamaForCausalLM(DecoderLM):
         assign_parameters(self, tensors, ["rotary_emb.inv_freq", *self.unused_checkpoint_keys()])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: SlotKVCache,
-                batch: AttentionBatch) -> torch.Tensor:
+                batch: Attention) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer, k_cache, v_cache in zip(self.layers, kv.k, kv.v):

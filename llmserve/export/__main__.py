@@ -1,0 +1,58 @@
+"""`python -m llmserve.export --runtime onnxruntime|tensorrt --model-dir DIR [--out build/engines]
+[--precision ...]`: build the compiled engine a runtime loads (`make engine`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmserve.export.manifest import DEFAULT_ENGINES_ROOT
+
+RUNTIMES = ("onnxruntime", "tensorrt")
+
+
+def build_onnxruntime(args: argparse.Namespace) -> Path:
+    from llmserve.export.onnx_export import export_onnx
+
+    return export_onnx(args.model_dir, args.out, precision=args.precision or "fp32")
+
+
+def build_tensorrt(args: argparse.Namespace) -> Path:
+    try:
+        from llmserve.export import tensorrt_build
+    except ImportError as exc:
+        if exc.name != "llmserve.export.tensorrt_build":
+            raise
+        raise SystemExit("error: TensorRT engines are not part of this checkout "
+                         "(llmserve/export/tensorrt_build.py is missing)") from None
+    kwargs = {"precision": args.precision} if args.precision else {}
+    return tensorrt_build.build_for_model(args.model_dir, args.out, **kwargs)
+
+
+BUILDERS = {"onnxruntime": build_onnxruntime, "tensorrt": build_tensorrt}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llmserve.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime", required=True, choices=(*RUNTIMES, "torch"))
+    parser.add_argument("--model-dir", required=True, help="Hugging Face model folder")
+    parser.add_argument("--out", default=str(DEFAULT_ENGINES_ROOT),
+                        help="engines root: the engine goes to <out>/<onnx|tensorrt>/<model folder name>/")
+    parser.add_argument("--precision", default=None,
+                        help="onnxruntime: fp32 (default); tensorrt: fp32, fp16 (default), int8, fp8")
+    args = parser.parse_args(argv)
+    if args.runtime == "torch":
+        print("runtime torch loads the Hugging Face weights directly: there is no engine to build", file=sys.stderr)
+        return
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise SystemExit(f"error: {args.model_dir} is not a Hugging Face model folder (no config.json)")
+    try:
+        out = BUILDERS[args.runtime](args)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:  # the builders' errors name the problem
+        raise SystemExit(f"error: {exc}") from None
+    print(f"{args.runtime} engine: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

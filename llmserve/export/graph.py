@@ -1,0 +1,82 @@
+"""The decoder as the ONNX graph of notes/onnx-interface.md: our model definitions with a
+past/present attention layout instead of the runner's slot cache.
+
+Same modules, same fused weights as `TorchModelRunner`; only `Attention.attend` differs: each
+layer concatenates its past K/V with the new tokens' K/V (that is its `present` output) and
+attends over it under the mask rule of the interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.models import DecoderLM
+
+
+@dataclass(slots=True)
+class PastKV:
+    """Stands in for the runner's `SlotKVCache`: the models only iterate its per-layer `k` and `v`."""
+
+    k: list[torch.Tensor]  # [B, Hkv, past_seq, D] each
+    v: list[torch.Tensor]
+
+
+class PastPresentAttention:
+    """`Attention` over concat(past, new); collects every layer's present K and V in order."""
+
+    def __init__(self, attention_mask: torch.Tensor, past_len: torch.Tensor | int, seq_len: int,
+                 q_per_kv: int) -> None:
+        B, total = attention_mask.shape
+        cols = torch.arange(total, device=attention_mask.device)
+        query_cols = cols[-seq_len:]  # query t sits at absolute column past_len + t
+        causal = cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [T, total]
+        itself = cols.unsqueeze(0) == query_cols.unsqueeze(1)
+        # A padding query still sees itself: no row without a visible key, so no NaN anywhere.
+        mask = ((attention_mask.unsqueeze(1) != 0) & causal) | itself  # [B, T, total]
+        if q_per_kv > 1:  # query heads sharing a KV head are folded into the query axis
+            mask = mask.unsqueeze(2).expand(B, seq_len, q_per_kv, total).reshape(B, seq_len * q_per_kv, total)
+        self.mask = mask.unsqueeze(1)
+        self.presents: list[torch.Tensor] = []
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_past: torch.Tensor,
+               v_past: torch.Tensor, scale: float) -> torch.Tensor:
+        B, T, H, D = q.shape
+        kv_heads = k.shape[2]
+        keys = torch.cat((k_past, k.transpose(1, 2)), dim=2)
+        values = torch.cat((v_past, v.transpose(1, 2)), dim=2)
+        self.presents += (keys, values)
+        rep = H // kv_heads
+        queries = q.reshape(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask, scale=scale)
+        return out.reshape(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B, T, H * D)
+
+
+class DecoderGraph(nn.Module):
+    """forward(input_ids, position_ids, attention_mask, past k0, past v0, past k1, ...) ->
+    (logits of the last position, present k0, present v0, ...)."""
+
+    def __init__(self, model: DecoderLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        attention = PastPresentAttention(attention_mask, past[0].shape[2], input_ids.shape[1],
+                                         model.num_heads // model.num_kv_heads)
+        hidden = model(input_ids, position_ids, PastKV(list(past[0::2]), list(past[1::2])), attention)
+        logits = model.compute_logits(hidden[:, -1]).float()
+        return (logits, *attention.presents)
+
+
+def input_names(num_layers: int) -> list[str]:
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "position_ids", "attention_mask", *past]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits", *[f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]]

@@ -1,0 +1,92 @@
+"""Where compiled engines live and what they were built from (`engine.json`).
+
+Pure Python (no torch, no onnx): the runners check an engine against its model before loading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ENGINES_ROOT = REPO_ROOT / "build" / "engines"
+MANIFEST = "engine.json"
+# The folder under the engines root each runtime's engine is built into (notes: onnx-interface.md).
+RUNTIME_FOLDERS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+_SAMPLE = 1 << 20  # bytes hashed at each end of a large weight file
+_FULL_HASH_LIMIT = 64 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def default_engine_dir(runtime: str, model_dir: str | Path, root: str | Path = DEFAULT_ENGINES_ROOT) -> Path:
+    """`<root>/<runtime folder>/<model folder name>`; root defaults to the checkout's build/engines,
+    so the path does not depend on the working directory (tritonserver's model stubs run elsewhere)."""
+    try:
+        folder = RUNTIME_FOLDERS[runtime]
+    except KeyError:
+        raise ValueError(f"no compiled engine for runtime {runtime!r} (engines: {', '.join(RUNTIME_FOLDERS)})") from None
+    return Path(root) / folder / Path(model_dir).resolve().name
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of the file; for large files of its size, first and last MiB (a retrained or
+    re-saved checkpoint changes its header and data, and hashing gigabytes would take minutes)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with path.open("rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_SAMPLE))
+            f.seek(size - _SAMPLE)
+            digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of a HF model folder: config.json and the weight files (names, sizes, content)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: not a Hugging Face model folder")
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES)))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{_file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return json.loads(path.read_text())
+
+
+def write_manifest(engine_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    path = Path(engine_dir) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)  # a reader never sees half a manifest
+    return path
+
+
+def build_command(runtime: str, model_dir: str | Path) -> str:
+    return f"make engine RUNTIME={runtime} MODEL_DIR={model_dir}"
+
+
+def check_engine(runtime: str, engine_dir: str | Path, model_dir: str | Path, artifact: str) -> dict[str, Any]:
+    """The manifest of the engine in `engine_dir`, after checking it exists and was built from
+    `model_dir`'s current weights; FileNotFoundError / ValueError telling how to (re)build it."""
+    engine_dir, model_dir = Path(engine_dir), Path(model_dir)
+    rebuild = f"build it with `{build_command(runtime, model_dir)}`"
+    if not (engine_dir / artifact).is_file() or not (engine_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"no {runtime} engine at {engine_dir} ({artifact} and {MANIFEST} expected): {rebuild}")
+    manifest = read_manifest(engine_dir)
+    if manifest.get("fingerprint") != model_fingerprint(model_dir):
+        raise ValueError(f"the {runtime} engine at {engine_dir} was built from {manifest.get('source_model_dir')}, "
+                         f"not from the current weights of {model_dir.resolve()}: re{rebuild}")
+    return manifest
