@@ -42,21 +42,30 @@ class TritonInstall:
 
 
 def find_tritonserver() -> TritonInstall:
-    """$TRITONSERVER, the NGC container's server, or the one in the nvidia-pytriton wheel."""
+    """$TRITONSERVER, the NGC container's server, the one in the nvidia-pytriton wheel, or a
+    `tritonserver` on PATH (backends beside it in ../backends, or $TRITON_BACKEND_DIR), in that order."""
     if explicit := os.environ.get("TRITONSERVER"):
         binary = Path(explicit)
-        return TritonInstall(binary, Path(os.environ.get("TRITON_BACKEND_DIR", binary.parents[1] / "backends")))
+        if not binary.is_file():
+            raise FileNotFoundError(f"TRITONSERVER={explicit} is not a file")
+        return _system_install(binary)
     if NGC_TRITONSERVER.exists():
-        return TritonInstall(NGC_TRITONSERVER, NGC_TRITONSERVER.parents[1] / "backends")
+        return _system_install(NGC_TRITONSERVER)
     try:
         import pytriton
     except ImportError:
+        if on_path := shutil.which("tritonserver"):
+            return _system_install(Path(on_path).resolve())
         raise FileNotFoundError("no tritonserver found: install the requirements (`make install`), "
                                 "run in the NGC Triton container, or set TRITONSERVER") from None
     root = Path(pytriton.__file__).parent / "tritonserver"
     install = TritonInstall(root / "bin" / "tritonserver", root / "backends")
     _install_python_stub(root)
     return install
+
+
+def _system_install(binary: Path) -> TritonInstall:
+    return TritonInstall(binary, Path(os.environ.get("TRITON_BACKEND_DIR", binary.parents[1] / "backends")))
 
 
 def _install_python_stub(root: Path) -> None:

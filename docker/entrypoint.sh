@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Container start: make sure the engine for RUNTIME exists for this GPU (built from the model on
+# first start, reused from the engines volume afterwards, rebuilt when it was made for another GPU,
+# TensorRT version or model), then serve the model repository in the foreground.
+#
+# Settings (environment): RUNTIME (tensorrt | onnxruntime | torch; default tensorrt), MODEL_DIR
+# (a Hugging Face model folder; default the built one), PRECISION (fp16 | fp32 | int8 | fp8; default
+# fp16), LLM_MAX_NUM_SEQS (engine slots = the plan's max batch; default 64), LLM_DEVICE (cuda),
+# and any other LLM_* setting of model_repository/llm (see llmserve/settings.py).
+set -euo pipefail
+cd /opt/llmserve
+
+RUNTIME="${RUNTIME:-tensorrt}"
+MODEL_DIR="${MODEL_DIR:-build/models/default}"
+export LLM_DEVICE="${LLM_DEVICE:-cuda}"
+export LLM_MAX_NUM_SEQS="${LLM_MAX_NUM_SEQS:-64}"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    || echo "warning: nvidia-smi failed: is the GPU passed to the container (compose's device reservation, --gpus)?" >&2
+
+if [[ "$RUNTIME" != "torch" ]]; then
+    # Returns at once when the engine in build/engines is current for this GPU and model.
+    make --no-print-directory engine RUNTIME="$RUNTIME" MODEL_DIR="$MODEL_DIR" \
+        PRECISION="${PRECISION:-fp16}" MAX_BATCH_SIZE="$LLM_MAX_NUM_SEQS"
+fi
+
+exec .venv/bin/python -m llmserve.launcher --model-dir "$MODEL_DIR" --runtime "$RUNTIME" \
+    --http-port 8000 --grpc-port 8001 --metrics-port 8002
