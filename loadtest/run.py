@@ -1,0 +1,174 @@
+"""`make loadtest`: locust headless against a server, then a short summary.
+
+    python -m loadtest.run --users 16 --spawn-rate 4 --duration 60s
+    python -m loadtest.run --host localhost:8001 [--metrics-url http://localhost:8002/metrics]
+    python -m loadtest.run --shape step --step-users 4 --step-time 15 --ttft-p95-ms 500
+    python -m loadtest.run ... -- --loglevel DEBUG        # anything after -- goes to locust
+
+Without --host it starts tritonserver on free ports (llmserve.launcher) and stops
+it afterwards. Writes into --out (default build/loadtest/): locust_stats.csv,
+locust_stats_history.csv, locust_failures.csv, locust_exceptions.csv,
+report.html, summary.md, summary.json (and goodput.json for the step shape).
+Exit status: locust's (1 when any request failed) for the constant load; for
+the step load 0 when at least one step met the service level; 1 whenever the
+server still had active sequences after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmserve.launcher import TritonServer, model_env
+from loadtest.prompts import DEFAULT_PROMPTS
+from loadtest.summary import Summary, read_stats
+# The one Prometheus text reader of the project (also used by the e2e tests).
+from tests.ensemble_requests import metric
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+SHAPE_FILE = Path(__file__).resolve().parent / "shape.py"
+CSV_PREFIX = "locust"
+IDLE_WAIT_S = 15.0  # how long the server may take to report 0 active sequences after the run
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    parser = argparse.ArgumentParser(description="Locust load test over Triton's gRPC stream.")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
+    parser.add_argument("--duration", default="60s", help="locust --run-time (constant shape): 60s, 5m, ...")
+    parser.add_argument("--host", default=None,
+                        help="gRPC host:port of a running server (default: start one on free ports)")
+    parser.add_argument("--metrics-url", default=None,
+                        help="its metrics URL, for the server-side checks (known when the server is ours)")
+    parser.add_argument("--model-dir", default="build/models/default", help="model of the server we start")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "loadtest")
+    parser.add_argument("--shape", choices=("constant", "step"), default="constant")
+    parser.add_argument("--step-users", type=int, default=4)
+    parser.add_argument("--step-time", type=float, default=15.0, help="seconds per step")
+    parser.add_argument("--ttft-p95-ms", type=float, default=500.0, help="step load's service level")
+    parser.add_argument("--step-max-users", type=int, default=256)
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    parser.add_argument("--prompt-seed", type=int, default=0)
+    parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--think-time", default="0.5,2", help="MIN,MAX seconds between a user's prompts")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="answers run to the prompt file's max_tokens (min_tokens = max_tokens)")
+    args = parser.parse_args(argv)
+    if args.users < 1 or args.spawn_rate <= 0:
+        parser.error("--users must be >= 1 and --spawn-rate > 0")
+    if args.metrics_url and not args.host:
+        parser.error("--metrics-url is for a server given with --host")
+    return args, extra
+
+
+def locust_command(args: argparse.Namespace, host: str, extra: list[str]) -> list[str]:
+    out = args.out
+    files = str(LOCUSTFILE) + (f",{SHAPE_FILE}" if args.shape == "step" else "")
+    cmd = [sys.executable, "-m", "locust", "-f", files, "--headless", "--host", host,
+           "--csv", str(out / CSV_PREFIX), "--html", str(out / "report.html"), "--only-summary",
+           "--prompts", str(args.prompts), "--prompt-seed", str(args.prompt_seed),
+           "--request-timeout", str(args.request_timeout), "--think-time", args.think_time,
+           "--ignore-eos" if args.ignore_eos else "--no-ignore-eos"]
+    if args.shape == "step":
+        # Failures past the service level are expected there; the goodput is the verdict.
+        cmd += ["--step-users", str(args.step_users), "--step-time", str(args.step_time),
+                "--ttft-p95-ms", str(args.ttft_p95_ms), "--step-max-users", str(args.step_max_users),
+                "--goodput-json", str(out / "goodput.json"), "--exit-code-on-error", "0"]
+    else:
+        cmd += ["--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.duration]
+    return cmd + extra
+
+
+def _cancelled_on_server(metrics_url: str) -> float:
+    try:
+        return metric(metrics_url, "llm_requests_finished_total", reason="cancelled")
+    except KeyError:  # no request was cancelled yet: the labelled sample does not exist
+        return 0.0
+
+
+def _active_after_run(metrics_url: str) -> float:
+    deadline = time.monotonic() + IDLE_WAIT_S
+    while (active := metric(metrics_url, "llm_active_sequences")) != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return active
+
+
+def _clean(out: Path) -> None:
+    """Old result files would pass for this run's when locust fails early."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*out.glob(f"{CSV_PREFIX}_*.csv"), out / "report.html", out / "goodput.json",
+                 out / "summary.md", out / "summary.json"):
+        Path(name).unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    _clean(args.out)
+    with contextlib.ExitStack() as stack:
+        host, metrics_url = args.host, args.metrics_url
+        if host is None:
+            print("starting tritonserver on free ports ...", flush=True)
+            server = stack.enter_context(TritonServer(env=model_env(args.model_dir),
+                                                      log_path=args.out / "server.log"))
+            host, metrics_url = server.grpc_url, server.metrics_url
+        cancelled_before = _cancelled_on_server(metrics_url) if metrics_url else None
+        started = datetime.datetime.now(datetime.timezone.utc)
+        cmd = locust_command(args, host, extra)
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
+        server_checks: dict[str, str] = {}
+        active = None
+        if metrics_url:
+            active = _active_after_run(metrics_url)
+            server_checks = {
+                "server: active sequences after the run": f"{active:.0f}",
+                "server: requests cancelled": f"{_cancelled_on_server(metrics_url) - cancelled_before:.0f}",
+            }
+
+    stats_csv = args.out / f"{CSV_PREFIX}_stats.csv"
+    if not stats_csv.exists():
+        print(f"locust wrote no {stats_csv} (exit code {rc}); see its output above", file=sys.stderr)
+        return rc or 1
+    summary = Summary.from_rows(read_stats(stats_csv))
+    load = (f"{args.users} users, spawn rate {args.spawn_rate:g}/s, {args.duration}" if args.shape == "constant"
+            else f"step: +{args.step_users} users every {args.step_time:g} s")
+    context = {"date (UTC)": started.strftime("%Y-%m-%d %H:%M"), "load": load,
+               "server": "started here" if args.host is None else host, **server_checks}
+    goodput = None
+    if args.shape == "step":
+        goodput_path = args.out / "goodput.json"
+        goodput = json.loads(goodput_path.read_text()) if goodput_path.exists() else None
+        context["goodput"] = (f"{goodput['goodput_users']} users within TTFT p95 <= {args.ttft_p95_ms:g} ms "
+                              f"({goodput['stopped_because']})" if goodput else "no step finished")
+    table = summary.markdown(context)
+    (args.out / "summary.md").write_text(table + "\n")
+    (args.out / "summary.json").write_text(json.dumps(
+        {"context": context, **summary.to_json(), "goodput": goodput}, indent=2) + "\n")
+    print(f"\n{table}\n\nreport: {args.out / 'report.html'}; CSVs: {args.out / CSV_PREFIX}_*.csv")
+    if active:
+        print(f"the server still had {active:.0f} active sequence(s) {IDLE_WAIT_S:.0f} s after the run",
+              file=sys.stderr)
+        return 1
+    if args.shape == "step":
+        return 0 if goodput and goodput["goodput_users"] > 0 else 1
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    return run(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The run's summary, read back from locust's `<prefix>_stats.csv`.
+
+tokens/s = the sum over the stream rows of Requests/s x Average Content Size
+(response_length is the stream's generated tokens); streams in flight is
+Little's law over the same rows (Requests/s x mean seconds per stream).
+Percentiles are locust's: whole milliseconds, ~2 significant digits above 100 ms.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loadtest.timing import ITL, REQUEST_TYPE, STOPPED, STREAM, TTFT
+
+PERCENTILES = ("50%", "95%", "99%")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    count: int
+    failures: int
+    avg_ms: float
+    avg_tokens: float
+    per_s: float
+    percentiles_ms: dict[str, int]
+
+    @classmethod
+    def parse(cls, record: dict[str, str]) -> Row:
+        return cls(name=record["Name"], count=int(record["Request Count"]), failures=int(record["Failure Count"]),
+                   avg_ms=float(record["Average Response Time"]), avg_tokens=float(record["Average Content Size"]),
+                   per_s=float(record["Requests/s"]),
+                   percentiles_ms={p: _int_or_zero(record[p]) for p in PERCENTILES})
+
+
+def _int_or_zero(text: str) -> int:
+    return int(text) if text not in ("", "N/A") else 0
+
+
+def read_stats(csv_path: str | Path) -> dict[str, Row]:
+    """Rows of the stats CSV by name (this locustfile's request type only)."""
+    with Path(csv_path).open(newline="") as f:
+        return {r["Name"]: Row.parse(r) for r in csv.DictReader(f) if r["Type"] == REQUEST_TYPE}
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    streams: int
+    stopped_by_user: int
+    failures: int
+    streams_per_s: float
+    tokens_per_s: float
+    streams_in_flight: float
+    ttft_ms: dict[str, int]
+    itl_ms: dict[str, int]
+    stream_ms: dict[str, int]
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, Row]) -> Summary:
+        missing = [name for name in (TTFT, ITL, STREAM) if name not in rows]
+        if missing:
+            raise ValueError(f"the stats CSV has no {', '.join(missing)} row(s): no stream produced tokens")
+        streams = [rows[name] for name in (STREAM, STOPPED) if name in rows]
+        return cls(
+            streams=rows[STREAM].count - rows[STREAM].failures,
+            stopped_by_user=rows[STOPPED].count if STOPPED in rows else 0,
+            failures=sum(r.failures for r in rows.values()),
+            streams_per_s=round(sum(r.per_s for r in streams), 2),
+            tokens_per_s=round(sum(r.per_s * r.avg_tokens for r in streams), 1),
+            streams_in_flight=round(sum(r.per_s * r.avg_ms / 1000.0 for r in streams), 2),
+            ttft_ms=rows[TTFT].percentiles_ms, itl_ms=rows[ITL].percentiles_ms,
+            stream_ms=rows[STREAM].percentiles_ms)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def markdown(self, context: dict[str, str]) -> str:
+        """A two-column table: `context` rows (run settings, server checks) first."""
+        def pcts(values: dict[str, int]) -> str:
+            return " / ".join(str(values[p]) for p in PERCENTILES)
+
+        rows = [*context.items(),
+                ("streams completed / stopped by user", f"{self.streams} / {self.stopped_by_user}"),
+                ("failures", str(self.failures)),
+                ("streams/s", f"{self.streams_per_s:.2f}"),
+                ("generated tokens/s", f"{self.tokens_per_s:.1f}"),
+                ("streams in flight (mean)", f"{self.streams_in_flight:.2f}"),
+                ("TTFT p50 / p95 / p99 (ms)", pcts(self.ttft_ms)),
+                ("ITL p50 / p95 / p99 (ms per token)", pcts(self.itl_ms)),
+                ("stream p50 / p95 / p99 (ms)", pcts(self.stream_ms))]
+        return "\n".join(["| metric | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
