@@ -4,15 +4,17 @@
 # TensorRT version or model), then serve the model repository in the foreground.
 #
 # Settings (environment): RUNTIME (tensorrt | onnxruntime | torch; default tensorrt), MODEL_DIR
-# (a Hugging Face model folder; default the built one), PRECISION (fp16 | fp32 | int8 | fp8; default
-# fp16), LLM_MAX_NUM_SEQS (engine slots = the plan's max batch; default 64), LLM_DEVICE (cuda),
-# and any other LLM_* setting of model_repository/llm (see llmserve/settings.py).
+# (a Hugging Face model folder; default the built one), PRECISION (tensorrt: fp16 (default) | fp32 |
+# int8 | fp8), LLM_MAX_NUM_SEQS (engine slots = the plan's max batch; default 64), LLM_DEVICE (cuda;
+# cpu for onnxruntime), and any other LLM_* setting of model_repository/llm (llmserve/settings.py).
 set -euo pipefail
 cd /opt/llmserve
 
 RUNTIME="${RUNTIME:-tensorrt}"
 MODEL_DIR="${MODEL_DIR:-build/models/default}"
-export LLM_DEVICE="${LLM_DEVICE:-cuda}"
+# TensorRT and torch run on the GPU; the ONNX Runtime runner is CPU-only.
+if [[ "$RUNTIME" == "onnxruntime" ]]; then default_device=cpu; else default_device=cuda; fi
+export LLM_DEVICE="${LLM_DEVICE:-$default_device}"
 export LLM_MAX_NUM_SEQS="${LLM_MAX_NUM_SEQS:-64}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
@@ -20,8 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
 
 if [[ "$RUNTIME" != "torch" ]]; then
     # Returns at once when the engine in build/engines is current for this GPU and model.
-    make --no-print-directory engine RUNTIME="$RUNTIME" MODEL_DIR="$MODEL_DIR" \
-        PRECISION="${PRECISION:-fp16}" MAX_BATCH_SIZE="$LLM_MAX_NUM_SEQS"
+    make --no-print-directory engine RUNTIME="$RUNTIME" MODEL_DIR="$MODEL_DIR" ${PRECISION:+PRECISION="$PRECISION"}
 fi
 
 exec .venv/bin/python -m llmserve.launcher --model-dir "$MODEL_DIR" --runtime "$RUNTIME" \

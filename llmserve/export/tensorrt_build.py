@@ -271,6 +271,8 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
         config.add_optimization_profile(profile)
 
     pinned = 0
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32 matmuls here
     if precision in ("fp16", "int8", "fp8"):
         config.set_flag(trt.BuilderFlag.FP16)
         pinned = _keep_sensitive_layers_fp32(trt, network, config)
@@ -298,6 +300,7 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
         "runtime": "tensorrt",
         "plan": PLAN_FILE,
         "source": source,
+        "fingerprint": source["model_fingerprint"],  # of the HF model: manifest.check_engine compares it
         "onnx_dir": str(onnx_dir),
         "source_model_dir": export_info.get("source_model_dir") or (str(Path(model_dir).resolve()) if model_dir else None),
         "gpu": {"name": gpu.name, "compute_capability": gpu.sm},
@@ -344,13 +347,24 @@ def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _serving_setting(key: str) -> int | None:
+    """The llm model's LLM_<KEY> override (llmserve.settings), when set: the plan is sized for the
+    engine that will load it."""
+    value = os.environ.get(f"LLM_{key.upper()}", "").strip()
+    return int(value) if value else None
+
+
 def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLike = DEFAULT_ENGINES_ROOT, *,
-                    precision: str = "fp16", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                    precision: str = "fp16", max_batch_size: int | None = None,
                     max_model_len: int | None = None, max_num_tokens: int | None = None,
                     max_prefill_batch: int = DEFAULT_MAX_PREFILL_BATCH, force: bool = False,
                     log=stderr_log) -> Path:
     """`make engine RUNTIME=tensorrt`: the model's decoder ONNX for TensorRT, then its plan, in
     `<engines_root>/tensorrt/<model folder name>/` (ONNX in its `onnx/` subfolder). Returns the plan's folder.
+
+    max_batch_size and max_model_len default to the serving settings LLM_MAX_NUM_SEQS and
+    LLM_MAX_MODEL_LEN when set (else 64 and the model's context): a decode step of the engine
+    runs all its sequences in one batch, so the plan must take max_num_seqs rows.
 
     TensorRT gets its own export at opset 18 (MatMul/Softmax attention, RMSNorm from Pow and
     ReduceMean): ONNX Runtime's opset 23 graph uses Attention and RMSNormalization nodes, which
@@ -358,17 +372,13 @@ def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLik
     """
     import_tensorrt()  # before the export: no ONNX work on a machine that cannot build a plan
     current_gpu()
-    from llmserve.export.manifest import model_fingerprint
     from llmserve.export.onnx_export import export_onnx
 
     model_dir = Path(model_dir).resolve()
     plan_dir = default_engine_dir("tensorrt", model_dir, engines_root)
-    onnx_dir = plan_dir / "onnx"
-    export = _read_json(onnx_dir / MANIFEST)
-    if (force or not (onnx_dir / "model.onnx").is_file() or export.get("opset") != TENSORRT_ONNX_OPSET
-            or export.get("fingerprint") != model_fingerprint(model_dir)):
-        log(f"exporting {model_dir} to ONNX (opset {TENSORRT_ONNX_OPSET}) for TensorRT: {onnx_dir}")
-        export_onnx(model_dir, out_dir=onnx_dir, opset=TENSORRT_ONNX_OPSET)
-    return build_tensorrt(onnx_dir, plan_dir, precision=precision, max_batch_size=max_batch_size,
-                          max_model_len=max_model_len, max_num_tokens=max_num_tokens,
-                          max_prefill_batch=max_prefill_batch, model_dir=model_dir, force=force, log=log)
+    onnx_dir = export_onnx(model_dir, out_dir=plan_dir / "onnx", opset=TENSORRT_ONNX_OPSET, force=force)
+    return build_tensorrt(onnx_dir, plan_dir, precision=precision,
+                          max_batch_size=max_batch_size or _serving_setting("max_num_seqs") or DEFAULT_MAX_BATCH_SIZE,
+                          max_model_len=max_model_len or _serving_setting("max_model_len"),
+                          max_num_tokens=max_num_tokens, max_prefill_batch=max_prefill_batch,
+                          model_dir=model_dir, force=force, log=log)
