@@ -9,13 +9,14 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+PRECISION ?=
 
 # Nothing may be fetched from a model hub: everything is local.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model serve test bench clean
+.PHONY: install model engine serve test bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +30,15 @@ install: $(VENV)/.installed
 model: install
 	$(PY) build/build_default_model.py --out $(DEFAULT_MODEL_DIR)
 
-serve: install model
+# The compiled engine RUNTIME loads (build/engines/); returns at once when it is up to date.
+engine: install model
+ifeq ($(RUNTIME),torch)
+	@echo "RUNTIME=torch loads the Hugging Face weights directly: there is no engine to build"
+else
+	$(PY) -m llmserve.export --runtime $(RUNTIME) --model-dir $(MODEL_DIR) $(if $(PRECISION),--precision $(PRECISION))
+endif
+
+serve: install model $(if $(filter-out torch,$(RUNTIME)),engine)
 	$(PY) -m llmserve.launcher --model-dir $(MODEL_DIR) --runtime $(RUNTIME) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 

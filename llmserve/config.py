@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from llmserve.errors import InvalidRequestError
 
-RUNTIMES = ("torch",)
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -18,6 +18,9 @@ class EngineConfig:
 
     model_dir: str
     runtime: str = "torch"
+    # Compiled engine folder (onnxruntime, tensorrt; relative = from the repository root);
+    # None = build/engines/<onnx|tensorrt>/<model folder name>, where `make engine` builds it.
+    engine_dir: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
     max_num_seqs: int = 64
@@ -38,6 +41,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.engine_dir is not None and not self.engine_dir.strip():
+            raise ValueError("engine_dir must be a folder path or None, got an empty string")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):

@@ -102,10 +102,8 @@ class LLMEngine:
         self._decode_threads = config.num_threads or torch.get_num_threads()
         self._prefill_threads = config.prefill_num_threads or self._decode_threads
         if runner is None:
-            from llmserve.model_runner import TorchModelRunner
-            runner = TorchModelRunner(config.model_dir, num_slots=config.max_num_seqs,
-                                      max_model_len=config.max_model_len, device=config.device,
-                                      dtype=config.dtype)
+            from llmserve.runners import create_runner
+            runner = create_runner(config, num_threads=self._decode_threads)
         self.runner = runner
         self.tokenizer = tokenizer or load_tokenizer(config.model_dir)
         self._decoder = self.tokenizer.backend_tokenizer

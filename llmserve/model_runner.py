@@ -17,6 +17,34 @@ from llmserve.models.attention import plan_attention
 from llmserve.models.hf_config import eos_token_ids, read_config
 
 
+def validate_batch(slots: Sequence[int], token_ids: Sequence[Sequence[int]], start_positions: Sequence[int], *,
+                   num_slots: int, max_model_len: int) -> None:
+    """The `forward` contract every runner enforces, with the same messages (ValueError)."""
+    if not len(slots) == len(token_ids) == len(start_positions):
+        raise ValueError(f"slots, token_ids and start_positions differ in length: "
+                         f"{len(slots)}, {len(token_ids)}, {len(start_positions)}")
+    if not slots:
+        raise ValueError("empty batch")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"a slot appears twice in one call: {list(slots)}")
+    for slot, tokens, start in zip(slots, token_ids, start_positions):
+        if not 0 <= slot < num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {num_slots})")
+        if not tokens:
+            raise ValueError(f"no new tokens for slot {slot}")
+        if start < 0:
+            raise ValueError(f"negative start position {start} for slot {slot}")
+        if start + len(tokens) > max_model_len:
+            raise ValueError(f"slot {slot} would hold {start + len(tokens)} tokens, "
+                             f"past max_model_len={max_model_len}")
+
+
+def validate_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """ids: the batch's token ids as a tensor built from the caller's lists (int64 when all are ints)."""
+    if ids.dtype != torch.int64 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"token ids must be integers in [0, {vocab_size})")
+
+
 class TorchModelRunner:
     """Owns a model and its preallocated KV cache (`num_slots` regions of `max_model_len` tokens).
 
@@ -44,26 +72,6 @@ class TorchModelRunner:
         self.kv_cache_bytes: int = self.kv_cache.nbytes
         self._q_per_kv = self.model.num_heads // self.model.num_kv_heads
 
-    def _validate(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
-                  start_positions: Sequence[int]) -> None:
-        if not len(slots) == len(token_ids) == len(start_positions):
-            raise ValueError(f"slots, token_ids and start_positions differ in length: "
-                             f"{len(slots)}, {len(token_ids)}, {len(start_positions)}")
-        if not slots:
-            raise ValueError("empty batch")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"a slot appears twice in one call: {list(slots)}")
-        for slot, tokens, start in zip(slots, token_ids, start_positions):
-            if not 0 <= slot < self.num_slots:
-                raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
-            if not tokens:
-                raise ValueError(f"no new tokens for slot {slot}")
-            if start < 0:
-                raise ValueError(f"negative start position {start} for slot {slot}")
-            if start + len(tokens) > self.max_model_len:
-                raise ValueError(f"slot {slot} would hold {start + len(tokens)} tokens, "
-                                 f"past max_model_len={self.max_model_len}")
-
     @torch.inference_mode()
     def forward(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
                 start_positions: Sequence[int]) -> torch.Tensor:
@@ -77,7 +85,8 @@ class TorchModelRunner:
         repeated, an empty token list, a negative start, a token id outside the vocabulary, or a
         sequence that would run past max_model_len.
         """
-        self._validate(slots, token_ids, start_positions)
+        validate_batch(slots, token_ids, start_positions, num_slots=self.num_slots,
+                       max_model_len=self.max_model_len)
         lens = [len(tokens) for tokens in token_ids]
         T = max(lens)
         padded = min(lens) != T
@@ -86,8 +95,7 @@ class TorchModelRunner:
 
         # Built on the CPU (checked there without a device sync), then one copy per tensor.
         ids = torch.tensor([[*t, *[0] * (T - len(t))] for t in token_ids] if padded else token_ids)
-        if ids.dtype != torch.int64 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise ValueError(f"token ids must be integers in [0, {self.vocab_size})")
+        validate_token_ids(ids, self.vocab_size)
         ids = ids.to(self.device)
         slots_t, starts_t, lens_t = torch.tensor([slots, start_positions, lens]).to(self.device).unbind(0)
 

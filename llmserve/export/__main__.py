@@ -15,7 +15,7 @@ RUNTIMES = ("onnxruntime", "tensorrt")
 def build_onnxruntime(args: argparse.Namespace) -> Path:
     from llmserve.export.onnx_export import export_onnx
 
-    return export_onnx(args.model_dir, args.out, precision=args.precision or "fp32")
+    return export_onnx(args.model_dir, args.out, precision=args.precision or "fp32", force=args.force)
 
 
 def build_tensorrt(args: argparse.Namespace) -> Path:
@@ -27,7 +27,7 @@ def build_tensorrt(args: argparse.Namespace) -> Path:
         raise SystemExit("error: TensorRT engines are not part of this checkout "
                          "(llmserve/export/tensorrt_build.py is missing)") from None
     kwargs = {"precision": args.precision} if args.precision else {}
-    return tensorrt_build.build_for_model(args.model_dir, args.out, **kwargs)
+    return tensorrt_build.build_for_model(args.model_dir, args.out, force=args.force, **kwargs)
 
 
 BUILDERS = {"onnxruntime": build_onnxruntime, "tensorrt": build_tensorrt}
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="engines root: the engine goes to <out>/<onnx|tensorrt>/<model folder name>/")
     parser.add_argument("--precision", default=None,
                         help="onnxruntime: fp32 (default); tensorrt: fp32, fp16 (default), int8, fp8")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the engine is up to date")
     args = parser.parse_args(argv)
     if args.runtime == "torch":
         print("runtime torch loads the Hugging Face weights directly: there is no engine to build", file=sys.stderr)

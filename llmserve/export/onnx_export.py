@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import re
 import shutil
@@ -24,6 +25,9 @@ MODEL_FILE = "model.onnx"
 # (about 1.5x faster decode than the MatMul/Softmax decomposition of opset 18 on the default model).
 DEFAULT_OPSET = 23
 PRECISIONS = ("fp32",)
+# Bump when the graph the same weights export to changes (graph.py, the models' forward): an
+# engine.json with another version is rebuilt.
+GRAPH_VERSION = 1
 # Beyond this, weights go to model.onnx.data (protobuf's 2 GiB limit).
 EXTERNAL_DATA_BYTES = 1536 << 20
 # Sample sizes for tracing: all distinct and > 1, so no dimension is specialised or confused with another.
@@ -107,10 +111,22 @@ def _name_dimensions(proto, num_layers: int) -> None:
                 dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
+def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int) -> bool:
+    """Whether out_dir holds this export of model_dir's current weights."""
+    manifest_path = out_dir / MANIFEST
+    if not (out_dir / MODEL_FILE).is_file() or not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    wanted = {"graph_version": GRAPH_VERSION, "precision": precision, "opset": opset,
+              "fingerprint": model_fingerprint(model_dir)}
+    return all(manifest.get(key) == value for key, value in wanted.items())
+
+
 def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_ROOT, *, precision: str = "fp32",
-                opset: int = DEFAULT_OPSET, out_dir: str | Path | None = None) -> Path:
+                opset: int = DEFAULT_OPSET, out_dir: str | Path | None = None, force: bool = True) -> Path:
     """Export `model_dir` to `<out_root>/onnx/<model folder name>/` (or `out_dir`): model.onnx
-    (+ model.onnx.data for large models) and engine.json. Returns the folder."""
+    (+ model.onnx.data for large models) and engine.json. Returns the folder. With force=False,
+    returns at once when the folder already holds this export of the model's current weights."""
     if precision not in PRECISIONS:
         raise ExportError(f"the ONNX Runtime engine is built in {' / '.join(PRECISIONS)} only, not {precision!r} "
                           "(half precision and int8 are TensorRT's: `--runtime tensorrt`)")
@@ -123,6 +139,8 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
 
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir) if out_dir is not None else default_engine_dir("onnxruntime", model_dir, out_root)
+    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset):
+        return out_dir
     try:
         model = load_model(model_dir, dtype="float32", device="cpu")
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
@@ -149,6 +167,7 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
     onnx.checker.check_model(str(work / MODEL_FILE))
     write_manifest(work, {
         "format": "onnx",
+        "graph_version": GRAPH_VERSION,
         "source_model_dir": str(model_dir),
         "fingerprint": model_fingerprint(model_dir),
         "model_type": type(model).__name__,

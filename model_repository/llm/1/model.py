@@ -29,6 +29,7 @@ class TritonPythonModel:
         config = EngineConfig(
             model_dir=resolve_model_dir(args),
             runtime=setting("runtime", "torch"),
+            engine_dir=setting("engine_dir", None),
             device=setting("device", "cpu"),
             dtype=setting("dtype", "float32"),
             max_num_seqs=setting("max_num_seqs", 64, int),

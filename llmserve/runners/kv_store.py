@@ -1,0 +1,84 @@
+"""The ONNX Runtime runner's KV memory: each slot's K/V at rest (`SlotStore`) and the growing
+buffers a decode batch's past/present live in between steps (`Arena`).
+
+The decoder graph takes past K/V as dense left-padded tensors [B, Hkv, past, D] and returns
+present = concat(past, new). A slot's K/V is at rest in the store; a batch is packed from it
+(`SlotStore.gather`) and its new K/V written back (`SlotStore.scatter`). Position p of a row
+sits at column p + pad of that row's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _runs(slots: Sequence[int], first_positions: Sequence[int], counts: Sequence[int],
+          first_columns: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened (row, slot, position, column) of every element of each row's run of `counts[b]`
+    positions starting at `first_positions[b]` / column `first_columns[b]`."""
+    counts_t = torch.tensor(counts)
+    total = int(counts_t.sum())
+    rows = torch.repeat_interleave(torch.arange(len(counts)), counts_t, output_size=total)
+    offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t,
+                                                           output_size=total)
+    slots_t = torch.tensor(slots)[rows]
+    positions = torch.tensor(first_positions)[rows] + offsets
+    columns = torch.tensor(first_columns)[rows] + offsets
+    return rows, slots_t, positions, columns
+
+
+class SlotStore:
+    """Per graph K/V input, a [num_slots, Hkv, max_len, D] float32 tensor."""
+
+    def __init__(self, *, num_tensors: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int) -> None:
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        self.tensors = [torch.zeros(shape) for _ in range(num_tensors)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def gather(self, out: Sequence[torch.Tensor], slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Pack positions [0, lengths[b]) of slots[b] right-aligned into out[i] [B, Hkv, P, D]
+        (P = max(lengths)); the padding columns keep what they hold (finite, masked out)."""
+        width = out[0].shape[2]
+        if width == 0:
+            return
+        rows, slots_t, positions, columns = _runs(slots, [0] * len(slots), lengths,
+                                                  [width - n for n in lengths])
+        for dst, src in zip(out, self.tensors):
+            dst[rows, :, columns] = src[slots_t, :, positions]
+
+    def scatter(self, src: Sequence[torch.Tensor], slots: Sequence[int], first_positions: Sequence[int],
+                counts: Sequence[int], first_columns: Sequence[int]) -> None:
+        """Store columns first_columns[b] .. +counts[b] of src[i]'s row b as positions
+        first_positions[b] .. of slots[b]."""
+        if not any(counts):
+            return
+        rows, slots_t, positions, columns = _runs(slots, first_positions, counts, first_columns)
+        for store, tensor in zip(self.tensors, src):
+            store[slots_t, :, positions] = tensor[rows, :, columns]
+
+
+class Arena:
+    """One growable float32 buffer per graph K/V input; `views(shape)` are contiguous tensors over
+    their start, so ONNX Runtime reads and writes them in place. Zero-filled on growth: columns a
+    batch never writes (padding) must hold finite values, since 0 weight times NaN is NaN."""
+
+    def __init__(self, num_tensors: int) -> None:
+        self._buffers = [torch.zeros(0) for _ in range(num_tensors)]
+
+    def views(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
+        need = 1
+        for n in shape:
+            need *= n
+        if need > self._buffers[0].numel():
+            grown = max(need, self._buffers[0].numel() * 3 // 2)
+            self._buffers = [torch.zeros(grown) for _ in self._buffers]
+        return [b[:need].view(shape) for b in self._buffers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers)
