@@ -64,6 +64,26 @@ def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
 PREFILL_PASS_OVERHEAD_TOKENS = 32
 
 
+# A runner that packs prompts end to end (no padding) still pays attention over the whole pack
+# under its block-diagonal mask: past this many tokens a pack splits.
+MAX_PACKED_PREFILL_TOKENS = 512
+
+
+def packed_prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Prompts for a runner that packs them (`packs_prefill`): consecutive runs of at most
+    MAX_PACKED_PREFILL_TOKENS tokens (a longer prompt goes alone)."""
+    groups: list[list[Sequence]] = []
+    tokens = MAX_PACKED_PREFILL_TOKENS
+    for seq in seqs:
+        n = len(seq.pending_ids)
+        if tokens + n > MAX_PACKED_PREFILL_TOKENS:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(seq)
+        tokens += n
+    return groups
+
+
 def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
     """Prompts padded into as few forward passes as pay off: sorted by length, split where the
     padding saved beats a pass's overhead (an exact partition by dynamic programming)."""
@@ -185,7 +205,8 @@ class LLMEngine:
         self._send_interval = len(self.scheduler.running) / limit if limit else 0.0
         self._now = time.monotonic()
         outputs: list[RequestOutput] = []
-        groups = [(g, self._prefill_threads) for g in prefill_groups(batch.prefill)]
+        grouping = packed_prefill_groups if getattr(self.runner, "packs_prefill", False) else prefill_groups
+        groups = [(g, self._prefill_threads) for g in grouping(batch.prefill)]
         if batch.decode:
             groups.append((batch.decode, self._decode_threads))
         for group, threads in groups:

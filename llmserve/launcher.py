@@ -15,6 +15,7 @@ Outside the NGC container the binary and its Python backend come from the
 from __future__ import annotations
 
 import argparse
+import ctypes
 import filecmp
 import os
 import shutil
@@ -124,6 +125,18 @@ def model_env(model_dir: str | None = None, runtime: str | None = None, **extra:
     return env
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL,
+    so no server outlives a killed test run or benchmark (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerProcess:
     """A server subprocess in its own process group, ready when its health URL answers 200;
     a context manager that always stops it (SIGINT to the group, then SIGKILL)."""
@@ -150,7 +163,8 @@ class ServerProcess:
         cmd = self.command()
         self._log = open(self._log_path, "w+b") if self._log_path else tempfile.TemporaryFile()
         self.process = subprocess.Popen(cmd, env=self._env, cwd=self._cwd, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_exit_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

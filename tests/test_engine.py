@@ -176,3 +176,32 @@ def test_prefill_groups_cut_padding_and_keep_everyone(engine_factory):
     same = [engine.add_request("x", [5] * 10, SamplingParams(max_tokens=2)) for _ in range(6)]
     assert len(prefill_groups(same)) == 1  # splitting equal lengths saves nothing
     assert PREFILL_PASS_OVERHEAD_TOKENS > 0 and prefill_groups([]) == []
+
+
+def test_packed_prefill_groups_bound_each_pass(engine_factory):
+    from llmserve.engine import MAX_PACKED_PREFILL_TOKENS, packed_prefill_groups
+
+    engine = engine_factory()
+    cap = MAX_PACKED_PREFILL_TOKENS
+    lengths = [cap // 4, cap // 4, cap // 2, 1, cap + 10, 3, 5]
+    seqs = [engine.add_request(str(n), [5] * n, SamplingParams(max_tokens=2)) for n in lengths]
+    groups = packed_prefill_groups(seqs)
+    assert [s for g in groups for s in g] == seqs  # everyone, in arrival order
+    assert [[len(s.pending_ids) for s in g] for g in groups] == [[cap // 4, cap // 4, cap // 2], [1], [cap + 10], [3, 5]]
+    assert packed_prefill_groups([]) == []
+
+
+def test_packed_prefill_gives_the_same_tokens_as_one_at_a_time(engine_factory):
+    engine = engine_factory()
+    assert engine.runner.packs_prefill
+    prompts = ["Once upon a time", "The little dog ran to the park and", "A", "Tom and Ben built a big tower"]
+    params = SamplingParams(max_tokens=12, min_tokens=12)
+
+    def generate(batch: list[str]) -> list[list[int]]:
+        seqs = [engine.add_request("p", engine.encode(p), params) for p in batch]
+        while engine.scheduler.num_unfinished:
+            engine.step()
+        return [s.output_ids for s in seqs]
+
+    together = generate(prompts)  # one packed prefill pass
+    assert together == [generate([p])[0] for p in prompts]

@@ -114,3 +114,58 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     queries = q.reshape(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask, scale=scale)
     return out.reshape(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B, T, H * D)
+
+
+@dataclass(slots=True)
+class PackedPrefill:
+    """Prompts starting from empty caches, packed end to end into one row [1, N]: no padding.
+
+    The projections and MLPs (most of the work) run on the packed tokens; attention alone
+    scatters them into a padded [B, T] layout, where each prompt attends causally to itself
+    (B*T^2 scores, not N^2 under a block-diagonal mask). Keys come from the fresh k/v:
+    nothing needs reading back from the cache.
+    """
+
+    write_slots: torch.Tensor  # [N] slot of every token
+    write_positions: torch.Tensor  # [N] its position in its own prompt
+    padded_index: torch.Tensor  # [N] where each token sits in the padded [B*T] layout
+    batch_size: int  # B prompts
+    max_len: int  # T, the longest prompt
+    mask: torch.Tensor  # [B, 1, T*q_per_kv, T] causal "may attend", query heads folded as in cached_attention
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        _, N, H, D = q.shape
+        kv_heads = k.shape[2]
+        k_cache[self.write_slots, :, self.write_positions] = k[0]
+        v_cache[self.write_slots, :, self.write_positions] = v[0]
+        B, T, rep = self.batch_size, self.max_len, H // kv_heads
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [1, N, heads, D] -> [B, T, heads, D]
+            out = x.new_zeros(B * T, x.shape[2], D)
+            out[self.padded_index] = x[0]
+            return out.view(B, T, x.shape[2], D)
+
+        queries = padded(q).view(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
+        out = F.scaled_dot_product_attention(queries, padded(k).transpose(1, 2), padded(v).transpose(1, 2),
+                                             attn_mask=self.mask, scale=scale)
+        out = out.view(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B * T, H * D)
+        return out[self.padded_index].unsqueeze(0)
+
+
+def plan_packed_prefill(*, slots: torch.Tensor, lengths: torch.Tensor, total: int, max_len: int,
+                        q_per_kv: int) -> tuple[PackedPrefill, torch.Tensor]:
+    """The layout for prompts of `lengths` [B] into `slots` [B]. `total` and `max_len` (their sum
+    and max) come from the host: no device sync. Also returns each token's position [1, total]."""
+    device = lengths.device
+    B = len(lengths)
+    segment = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=total)
+    positions = torch.arange(total, device=device) - (torch.cumsum(lengths, 0) - lengths)[segment]
+    offsets = torch.arange(max_len, device=device)
+    # Causal; padding queries (past a prompt's end) still see its real keys, so no row is empty.
+    mask = (offsets <= offsets.unsqueeze(1)) & (offsets < lengths.view(B, 1, 1))  # [B, T, T]
+    if q_per_kv > 1:
+        mask = mask.unsqueeze(2).expand(B, max_len, q_per_kv, max_len).reshape(B, max_len * q_per_kv, max_len)
+    batch = PackedPrefill(slots.repeat_interleave(lengths, output_size=total), positions,
+                          segment * max_len + positions, B, max_len, mask.unsqueeze(1))
+    return batch, positions.unsqueeze(0)

@@ -55,9 +55,13 @@ class TritonPythonModel:
 
     def _cancelled(self, request, sequence_id: int) -> bool:
         """request.is_cancelled() is an IPC to the server: ask at most every CANCEL_CHECK_S per sequence,
-        and never again for one already stopped."""
+        never on its first response (that IPC would delay every first token; a cancel that early is
+        seen on the next response), and never again for one already stopped."""
         now = time.monotonic()
-        if now - self.last_check.get(sequence_id, 0.0) < CANCEL_CHECK_S:
+        last = self.last_check.get(sequence_id)
+        if last is None or now - last < CANCEL_CHECK_S:
+            if last is None:
+                self._remember(sequence_id, now)
             return False
         self._remember(sequence_id, now)
         return request.is_cancelled()
