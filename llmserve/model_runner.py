@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from llmserve.models import SlotKVCache, load_model, resolve_dtype
-from llmserve.models.attention import plan_attention
+from llmserve.models.attention import plan_attention, plan_packed_prefill
 from llmserve.models.hf_config import eos_token_ids, read_config
 
 
@@ -71,6 +71,7 @@ class TorchModelRunner:
         )
         self.kv_cache_bytes: int = self.kv_cache.nbytes
         self._q_per_kv = self.model.num_heads // self.model.num_kv_heads
+        self.packs_prefill = True  # ragged prompts from empty caches go in one unpadded pass
 
     @torch.inference_mode()
     def forward(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
@@ -93,6 +94,8 @@ class TorchModelRunner:
         ends = [start + n for start, n in zip(start_positions, lens)]
         kv_len = max(ends)
 
+        if padded and not any(start_positions):
+            return self._forward_packed(slots, token_ids, lens)
         # Built on the CPU (checked there without a device sync), then one copy per tensor.
         ids = torch.tensor([[*t, *[0] * (T - len(t))] for t in token_ids] if padded else token_ids)
         validate_token_ids(ids, self.vocab_size)
@@ -115,3 +118,15 @@ class TorchModelRunner:
         hidden = self.model(ids, positions, self.kv_cache, batch)
         last = hidden[torch.arange(len(lens), device=self.device), lens_t - 1] if padded else hidden[:, -1]
         return self.model.compute_logits(last).float()
+
+    def _forward_packed(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
+                        lens: list[int]) -> torch.Tensor:
+        """Ragged prompts from empty caches: one pass over the prompts packed end to end (see
+        PackedPrefill) instead of a padded batch."""
+        ids = torch.tensor([t for tokens in token_ids for t in tokens])
+        validate_token_ids(ids, self.vocab_size)
+        slots_t, lens_t = torch.tensor([slots, lens]).to(self.device).unbind(0)
+        batch, positions = plan_packed_prefill(slots=slots_t, lengths=lens_t, total=len(ids), max_len=max(lens),
+                                               q_per_kv=self._q_per_kv)
+        hidden = self.model(ids.to(self.device).unsqueeze(0), positions, self.kv_cache, batch)
+        return self.model.compute_logits(hidden[0, torch.cumsum(lens_t, 0) - 1]).float()
