@@ -1,5 +1,6 @@
-"""The ONNX Runtime runner's KV memory: each slot's K/V at rest (`SlotStore`) and the growing
-buffers a decode batch's past/present live in between steps (`Arena`).
+"""The past/present runners' KV memory (ONNX Runtime's on the CPU, TensorRT's on the GPU): each
+slot's K/V at rest (`SlotStore`) and the growing buffers a decode batch's past/present live in
+between steps (`Arena`).
 
 The decoder graph takes past K/V as dense left-padded tensors [B, Hkv, past, D] and returns
 present = concat(past, new). A slot's K/V is at rest in the store; a batch is packed from it
@@ -32,9 +33,10 @@ def _runs(slots: Sequence[int], first_positions: Sequence[int], counts: Sequence
 class SlotStore:
     """Per graph K/V input, a [num_slots, Hkv, max_len, D] float32 tensor."""
 
-    def __init__(self, *, num_tensors: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int) -> None:
+    def __init__(self, *, num_tensors: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 device: str | torch.device = "cpu") -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.tensors = [torch.zeros(shape) for _ in range(num_tensors)]
+        self.tensors = [torch.zeros(shape, device=device) for _ in range(num_tensors)]
 
     @property
     def nbytes(self) -> int:
@@ -67,8 +69,9 @@ class Arena:
     their start, so ONNX Runtime reads and writes them in place. Zero-filled on growth: columns a
     batch never writes (padding) must hold finite values, since 0 weight times NaN is NaN."""
 
-    def __init__(self, num_tensors: int) -> None:
-        self._buffers = [torch.zeros(0) for _ in range(num_tensors)]
+    def __init__(self, num_tensors: int, device: str | torch.device = "cpu") -> None:
+        self._device = device
+        self._buffers = [torch.zeros(0, device=device) for _ in range(num_tensors)]
 
     def views(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
         need = 1
@@ -76,7 +79,7 @@ class Arena:
             need *= n
         if need > self._buffers[0].numel():
             grown = max(need, self._buffers[0].numel() * 3 // 2)
-            self._buffers = [torch.zeros(grown) for _ in self._buffers]
+            self._buffers = [torch.zeros(grown, device=self._device) for _ in self._buffers]
         return [b[:need].view(shape) for b in self._buffers]
 
     @property

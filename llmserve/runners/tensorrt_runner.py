@@ -1,0 +1,134 @@
+"""TensorRTRunner: the TorchModelRunner interface over a TensorRT plan of the decoder graph
+(notes/onnx-interface.md), built by `make engine RUNTIME=tensorrt` (llmserve.export.tensorrt_build).
+
+Same K/V handling as the ONNX Runtime runner (`PastPresentRunner`: a live decode batch whose
+present becomes the next past, a per-slot store for everything else), with every buffer a torch
+CUDA tensor: the store, the arenas and the logits live on the GPU, TensorRT reads and writes them
+in place (`set_tensor_address`) and runs on torch's current stream (`execute_async_v3`), so the
+packing kernels before it and the sampler after it are ordered with it without a sync.
+
+One execution context per optimization profile: 0 "decode" (one token per row, up to
+max_batch_size rows), 1 "prefill" (up to max_prefill_batch rows of up to max_num_tokens tokens).
+Larger prefill calls run in parts (`PastPresentRunner.max_prefill_rows` / `max_prefill_tokens`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from llmserve.export.manifest import build_command, check_engine, default_engine_dir
+from llmserve.export.tensorrt_env import PLAN_FILE, current_gpu, import_tensorrt, plan_mismatch
+from llmserve.models.hf_config import eos_token_ids, read_config
+from llmserve.runners.kv_store import Arena, SlotStore
+from llmserve.runners.past_present import PastPresentRunner
+
+DECODE, PREFILL = 0, 1  # optimization profile indices (tensorrt_build.profile_shapes' order)
+
+
+class TensorRTRunner(PastPresentRunner):
+    """Same interface and attributes as TorchModelRunner; the plan's precision was chosen at build
+    time, its inputs, outputs and K/V are float32 (`dtype`)."""
+
+    min_past = 1  # one masked zero column rather than a zero-size profile dimension
+
+    def __init__(self, model_dir: str | os.PathLike, *, num_slots: int, max_model_len: int | None = None,
+                 engine_dir: str | os.PathLike | None = None, device: str = "cuda",
+                 dtype: str = "float32") -> None:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be > 0, got {num_slots}")
+        if max_model_len is not None and max_model_len <= 0:
+            raise ValueError(f"max_model_len must be > 0, got {max_model_len}")
+        trt = import_tensorrt()
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"runtime tensorrt runs on a CUDA GPU, not on {device!r}: set device=cuda "
+                             f"(LLM_DEVICE=cuda for the server)")
+        if dtype != "float32":
+            raise ValueError(f"runtime tensorrt takes its precision from the plan (`make engine RUNTIME=tensorrt "
+                             f"PRECISION=fp16|fp32|int8|fp8`); its I/O and K/V are float32, not {dtype}")
+        gpu = current_gpu(self.device.index or 0)
+        plan_dir = Path(engine_dir) if engine_dir else default_engine_dir("tensorrt", model_dir)
+        manifest = check_engine("tensorrt", plan_dir, model_dir, PLAN_FILE)  # built, from these weights
+        if reason := plan_mismatch(manifest, trt_version=trt.__version__, gpu=gpu):
+            raise ValueError(f"the TensorRT plan at {plan_dir} cannot run here: {reason}: rebuild it with "
+                             f"`{build_command('tensorrt', model_dir)}`")
+        self.dtype = torch.float32
+        self.engine_dir = plan_dir
+        self.precision: str = manifest["precision"]
+        self.num_slots = num_slots
+        self.max_model_len: int = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
+        self.eos_token_ids: list[int] = eos_token_ids(model_dir, read_config(model_dir))
+
+        profiles = manifest["profiles"]
+        decode_rows = profiles["decode"]["input_ids"][2][0]
+        self.max_prefill_rows, self.max_prefill_tokens = profiles["prefill"]["input_ids"][2]
+        if num_slots > decode_rows:
+            # A decode step runs all sequences in one call (the live batch): it cannot be split.
+            raise ValueError(f"the TensorRT plan at {plan_dir} decodes at most {decode_rows} sequences per "
+                             f"step (built with max_batch_size={manifest['max_batch_size']}), fewer than "
+                             f"max_num_seqs={num_slots}: rebuild it with LLM_MAX_NUM_SEQS={num_slots} "
+                             f"`{build_command('tensorrt', model_dir)}`, or lower max_num_seqs")
+
+        torch.cuda.set_device(self.device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine((plan_dir / PLAN_FILE).read_bytes())
+        if self._engine is None:
+            raise RuntimeError(f"TensorRT could not load {plan_dir / PLAN_FILE} (see its log above): rebuild it "
+                               f"with `{build_command('tensorrt', model_dir)}`")
+        self._contexts = [self._make_context(trt, index) for index in (DECODE, PREFILL)]
+        self.vocab_size: int = self._engine.get_tensor_shape("logits")[1]
+        layout = manifest["layout"]
+        self._kv_shape = (layout["num_kv_heads"], layout["head_dim"])
+        self._kv_names = [f"past_key_values.{i}.{kind}" for i in range(layout["num_layers"]) for kind in ("key", "value")]
+        self._present_names = [f"present.{i}.{kind}" for i in range(layout["num_layers"]) for kind in ("key", "value")]
+        self._input_dtypes = {name: _torch_dtype(trt, self._engine.get_tensor_dtype(name))
+                              for name in ("input_ids", "position_ids", "attention_mask")}
+        n = len(self._kv_names)
+        self.store = SlotStore(num_tensors=n, num_slots=num_slots, num_kv_heads=self._kv_shape[0],
+                               max_len=self.max_model_len, head_dim=self._kv_shape[1], device=self.device)
+        self.kv_cache_bytes: int = self.store.nbytes
+        self._arenas = [Arena(n, device=self.device) for _ in range(4)]
+        self._live = None
+
+    def _make_context(self, trt, profile: int):
+        # Memory for the selected profile only (the decode context never holds prefill's scratch).
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        context = (self._engine.create_execution_context(strategy.ON_PROFILE_CHANGE) if strategy is not None
+                   else self._engine.create_execution_context())
+        if context is None:
+            raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+        stream = torch.cuda.current_stream(self.device)
+        if not context.set_optimization_profile_async(profile, stream.cuda_stream):
+            raise RuntimeError(f"TensorRT could not select optimization profile {profile}")
+        stream.synchronize()
+        return context
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor],
+             present: list[torch.Tensor]) -> torch.Tensor:
+        B, T = ids.shape
+        context = self._contexts[DECODE if T == 1 else PREFILL]
+        inputs = {name: tensor.to(self.device, self._input_dtypes[name]).contiguous()
+                  for name, tensor in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask))}
+        for name, tensor in (*inputs.items(), *zip(self._kv_names, past)):
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        logits = torch.empty(B, self.vocab_size, device=self.device)
+        for name, tensor in (("logits", logits), *zip(self._present_names, present)):
+            context.set_tensor_address(name, tensor.data_ptr())
+        # Stream-ordered with torch: `inputs` may be freed once enqueued (the caching allocator
+        # reuses their memory only for later work on this stream).
+        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run the plan in {self.engine_dir} (see its log above)")
+        return logits
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    types = {trt.int64: torch.int64, trt.int32: torch.int32, trt.float32: torch.float32, trt.float16: torch.float16}
+    try:
+        return types[dtype]
+    except KeyError:
+        raise ValueError(f"the TensorRT plan has an input of type {dtype}, not one of the graph's") from None
