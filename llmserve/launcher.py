@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run tritonserver on the model repository (foreground).")
     parser.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
     parser.add_argument("--model-dir", default=None, help="Hugging Face model folder (default: the built model)")
-    parser.add_argument("--runtime", default=None, help="torch (default)")
+    parser.add_argument("--runtime", default=None, help="torch (default), onnxruntime or tensorrt")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
                          args.metrics_port)
     print(f"serving gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}",
           file=sys.stderr, flush=True)
-    os.execvpe(cmd[0], cmd, server_env(model_env(args.model_dir, args.runtime)))
+    # TensorRT runs on the GPU only: `make serve RUNTIME=tensorrt` needs no LLM_DEVICE=cuda beside it.
+    extra = {"device": "cuda"} if args.runtime == "tensorrt" and "LLM_DEVICE" not in os.environ else {}
+    os.execvpe(cmd[0], cmd, server_env(model_env(args.model_dir, args.runtime, **extra)))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class TensorRTRunner(PastPresentRunner):
             raise ValueError(f"runtime tensorrt takes its precision from the plan (`make engine RUNTIME=tensorrt "
                              f"PRECISION=fp16|fp32|int8|fp8`); its I/O and K/V are float32, not {dtype}")
         gpu = current_gpu(self.device.index or 0)
+        self.device = torch.device("cuda", self.device.index or 0)  # torch.cuda.set_device needs the index
         plan_dir = Path(engine_dir) if engine_dir else default_engine_dir("tensorrt", model_dir)
         manifest = check_engine("tensorrt", plan_dir, model_dir, PLAN_FILE)  # built, from these weights
         if reason := plan_mismatch(manifest, trt_version=trt.__version__, gpu=gpu):
@@ -114,7 +115,9 @@ class TensorRTRunner(PastPresentRunner):
         inputs = {name: tensor.to(self.device, self._input_dtypes[name]).contiguous()
                   for name, tensor in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask))}
         for name, tensor in (*inputs.items(), *zip(self._kv_names, past)):
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"{name} of shape {tuple(tensor.shape)} is outside the plan's "
+                                 f"{'decode' if T == 1 else 'prefill'} profile (see {self.engine_dir}/engine.json)")
             context.set_tensor_address(name, tensor.data_ptr())
         logits = torch.empty(B, self.vocab_size, device=self.device)
         for name, tensor in (("logits", logits), *zip(self._present_names, present)):
