@@ -64,8 +64,12 @@ def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
 PREFILL_PASS_OVERHEAD_TOKENS = 32
 
 
-# A runner that packs prompts end to end (no padding) still pays attention over the whole pack
-# under its block-diagonal mask: past this many tokens a pack splits.
+# Prefill passes of at least this many tokens use `prefill_num_threads`: a burst's big pass gains from
+# more cores, while a lone short prompt would only pay for waking them.
+PARALLEL_PREFILL_MIN_TOKENS = 64
+
+# Prompts packed into one pass, at most this many tokens: the first tokens of a big step's early
+# prompts go out after their own pass, and a pass's padded attention (B x longest^2) stays small.
 MAX_PACKED_PREFILL_TOKENS = 512
 
 
@@ -206,7 +210,8 @@ class LLMEngine:
         self._now = time.monotonic()
         outputs: list[RequestOutput] = []
         grouping = packed_prefill_groups if getattr(self.runner, "packs_prefill", False) else prefill_groups
-        groups = [(g, self._prefill_threads) for g in grouping(batch.prefill)]
+        groups = [(g, self._prefill_threads if sum(len(s.pending_ids) for s in g) >= PARALLEL_PREFILL_MIN_TOKENS
+                   else self._decode_threads) for g in grouping(batch.prefill)]
         if batch.decode:
             groups.append((batch.decode, self._decode_threads))
         for group, threads in groups:

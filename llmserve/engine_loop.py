@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +90,16 @@ class EngineLoop:
         self._handles: dict[int, Handle] = {}  # seq_id -> handle, owned by the loop thread
         self._stopping = False
         self._outbox = _Outbox()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="llm-sender", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_cancellation, name="llm-cancel-watch", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         self._sender.start()
+        if self._is_cancelled is not None:
+            self._watcher.start()
 
     def submit(self, handle: Handle, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                stream: bool = True, echo_prompt: bool = False) -> None:
@@ -118,15 +121,17 @@ class EngineLoop:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread; every request still open gets its final `cancelled` output."""
         self._stopping = True
+        self._closing.set()
         self._inbox.put(None)
         self._thread.join(timeout)
+        if self._watcher.is_alive():
+            self._watcher.join(timeout)
         self._outbox.close()
         self._sender.join(timeout)
 
     # -- the loop thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        next_cancel_check = time.monotonic()
         while True:
             if not self._drain_inbox(block=not self.engine.has_unfinished()):
                 break
@@ -138,11 +143,6 @@ class EngineLoop:
                 continue
             if self._after_step is not None:
                 self._after_step(self.engine)
-            if self._is_cancelled is not None and time.monotonic() >= next_cancel_check:
-                next_cancel_check = time.monotonic() + self._cancel_check_interval
-                for seq_id, handle in list(self._handles.items()):
-                    if self._is_cancelled(handle):
-                        self._abort(_Abort(seq_id=seq_id))
         for seq_id in list(self._handles):
             self._abort(_Abort(seq_id=seq_id))
 
@@ -188,6 +188,20 @@ class EngineLoop:
     def _deliver(self, out: RequestOutput) -> None:
         handle = self._handles.pop(out.seq_id) if out.finished else self._handles[out.seq_id]
         self._outbox.put(out.seq_id, handle, out)
+
+    # -- the cancellation watcher thread ------------------------------------------------
+
+    def _watch_cancellation(self) -> None:
+        """Ask every open request whether its client cancelled, every `cancel_check_interval`. Off
+        the engine thread: in Triton each ask is an IPC, and a step must not wait for one per sequence."""
+        while not self._closing.wait(self._cancel_check_interval):
+            for seq_id, handle in list(self._handles.items()):  # a snapshot: the loop thread owns the dict
+                try:
+                    cancelled = self._is_cancelled(handle)
+                except Exception:  # e.g. the request ended meanwhile
+                    continue
+                if cancelled:
+                    self.abort_sequence(seq_id)
 
     # -- the sender thread -------------------------------------------------------------
 

@@ -133,3 +133,28 @@ def test_slow_sending_merges_outputs_without_losing_text(engine_factory):
     assert "".join(o.text for o in outputs) == expected
     assert len(outputs) < 30  # 60 tokens, far fewer responses
     assert outputs[-1].num_output_tokens == 60
+
+
+def test_generation_does_not_wait_for_cancellation_checks(engine_factory):
+    """In Triton each is_cancelled() is an IPC; a stuck one must not stall the engine's steps."""
+    gate, asked = threading.Event(), threading.Event()
+
+    def is_cancelled(handle):
+        asked.set()
+        gate.wait(timeout=60)
+        return False
+
+    loop = EngineLoop(engine_factory(), send=lambda h, out: h.outputs.put(out), fail=lambda h, e: None,
+                      is_cancelled=is_cancelled, cancel_check_interval=0.001)
+    loop.start()
+    try:
+        handles = [Handle() for _ in range(3)]
+        for i, handle in enumerate(handles):
+            loop.submit(handle, f"r{i}", loop.engine.encode("Once upon"), SamplingParams(max_tokens=40, min_tokens=40))
+        assert asked.wait(timeout=30)  # the check is under way, and blocked
+        for handle in handles:
+            assert collect(handle)[-1].num_output_tokens == 40
+        assert not gate.is_set()
+    finally:
+        gate.set()
+        loop.shutdown()
