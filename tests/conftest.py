@@ -44,6 +44,15 @@ def engine_factory(default_model_dir):
 
 
 @pytest.fixture(scope="session")
+def onnx_engine_dir(default_model_dir, tmp_path_factory) -> Path:
+    """The default model exported for ONNX Runtime, once per session (into a temporary folder: the
+    build/engines engine of `make engine` is left alone)."""
+    from llmserve.export.onnx_export import export_onnx
+
+    return export_onnx(default_model_dir, out_dir=tmp_path_factory.mktemp("engines") / "onnx-default")
+
+
+@pytest.fixture(scope="session")
 def triton_server(default_model_dir, tmp_path_factory):
     """A real tritonserver on free ports serving model_repository/, stopped at the end."""
     from llmserve.launcher import TritonServer, model_env

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -147,7 +148,7 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
         raise ExportError(f"cannot load the model in {model_dir}: {exc}") from exc
     graph = DecoderGraph(model).eval()
     L = model.num_layers
-    work = out_dir.with_name(out_dir.name + ".partial")
+    work = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")  # two builds at once never share it
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:

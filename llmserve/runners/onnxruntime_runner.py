@@ -9,6 +9,7 @@ everything else. I/O binding throughout: ONNX Runtime reads and writes torch-own
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ class OnnxRuntimeRunner(PastPresentRunner):
         # 0 and 1: the live decode batch's past/present, alternating; 2 and 3: other calls.
         self._arenas = [Arena(n) for _ in range(4)]
         self._live = None
+        self.calls = Counter()
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor],
              present: list[torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,7 @@ Runtime's and TensorRT's. A subclass sets up the store, arenas and sizes, and ru
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class LiveDecode:
 class PastPresentRunner:
     """TorchModelRunner's forward contract over a past/present graph. Subclasses set device,
     vocab_size, max_model_len, num_slots, store (SlotStore), _arenas (4 Arenas), _kv_shape
-    (heads, head_dim) and _live = None, and implement `_run`."""
+    (heads, head_dim), _live = None and calls = Counter(), and implement `_run`."""
 
     # Columns of past every call gets at least (masked zero columns when the rows have less):
     # TensorRT's profiles take no zero-size dimension.
@@ -56,6 +57,7 @@ class PastPresentRunner:
     _arenas: list[Arena]  # 0 and 1: the live decode batch's past/present, alternating; 2 and 3: other calls
     _kv_shape: tuple[int, int]
     _live: LiveDecode | None
+    calls: Counter[str]  # "continued", "packed", "retired": how the calls went (tests, profiling)
 
     @torch.inference_mode()
     def forward(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
@@ -71,9 +73,12 @@ class PastPresentRunner:
         validate_token_ids(ids, self.vocab_size)
         live = self._live
         if T == 1 and live is not None and live.slots == slots and live.lengths == starts:
+            self.calls["continued"] += 1
             return self._continue_live(live, ids)
         if live is not None and (T == 1 or not set(live.slots).isdisjoint(slots)):
+            self.calls["retired"] += 1
             self._retire_live()
+        self.calls["packed"] += 1
         return self._run_packed(slots, ids, starts, lens)
 
     def _forward_in_parts(self, slots: list[int], token_ids: Sequence[Sequence[int]], starts: list[int],

@@ -15,6 +15,7 @@ Larger prefill calls run in parts (`PastPresentRunner.max_prefill_rows` / `max_p
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -94,6 +95,7 @@ class TensorRTRunner(PastPresentRunner):
         self.kv_cache_bytes: int = self.store.nbytes
         self._arenas = [Arena(n, device=self.device) for _ in range(4)]
         self._live = None
+        self.calls = Counter()
 
     def _make_context(self, trt, profile: int):
         # Memory for the selected profile only (the decode context never holds prefill's scratch).

@@ -1,0 +1,158 @@
+"""OnnxRuntimeRunner: TorchModelRunner's interface and results, and the engine on either runtime.
+
+Runner checks compare logits with the torch runner (atol/rtol 1e-4, float32) through the paths
+the live decode batch takes: continued decode, joins, leaves, reordering, a reused slot, a
+prefill beside a live batch, chunked prefill. Engine checks compare greedy token ids exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from llmserve.config import EngineConfig, SamplingParams
+from llmserve.engine import LLMEngine
+from llmserve.model_runner import TorchModelRunner
+from llmserve.runners import create_runner
+from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+VOCAB = 2048
+
+
+@pytest.fixture(scope="module")
+def runners(default_model_dir, onnx_engine_dir):
+    def make(num_slots: int = 8, **kwargs):
+        return (TorchModelRunner(default_model_dir, num_slots=num_slots, **kwargs),
+                OnnxRuntimeRunner(default_model_dir, num_slots=num_slots, engine_dir=onnx_engine_dir, num_threads=1,
+                                  **kwargs))
+
+    return make
+
+
+class Pair:
+    """Drives a torch and an ONNX Runtime runner with the same calls and checks every result."""
+
+    def __init__(self, torch_runner, onnx_runner):
+        self.torch, self.onnx = torch_runner, onnx_runner
+        self.cached: dict[int, int] = {}
+        self.calls = 0
+
+    def forward(self, slots, token_ids, starts=None) -> torch.Tensor:
+        starts = [self.cached.get(s, 0) for s in slots] if starts is None else starts
+        expected = self.torch.forward(slots, token_ids, starts)
+        got = self.onnx.forward(slots, token_ids, starts)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        for slot, start, tokens in zip(slots, starts, token_ids):
+            self.cached[slot] = start + len(tokens)
+        self.calls += 1
+        return expected
+
+    def decode(self, slots, steps: int = 1) -> None:
+        for _ in range(steps):
+            self.forward(slots, [[(7 * self.cached[s] + s) % VOCAB] for s in slots])
+
+
+def test_live_batch_paths_match_torch(runners):
+    pair = Pair(*runners())
+    pair.forward([0, 1, 2], [[5, 6, 7, 8, 9], [20, 21], [30, 31, 32, 33]], [0, 0, 0])
+    pair.decode([0, 1, 2], steps=5)  # packed once, then continued from the live present buffers
+    assert pair.onnx._live is not None and pair.onnx._live.slots == [0, 1, 2]
+    assert pair.onnx.calls == {"packed": 2, "continued": 4}
+    live = pair.onnx._live
+    pair.forward([4], [[40, 41, 42]], [0])  # a prefill beside the live batch leaves it alone
+    assert pair.onnx._live is live
+    pair.decode([0, 1, 2, 4], steps=3)  # join
+    pair.decode([0, 4], steps=3)  # leaves
+    pair.decode([4, 0], steps=2)  # reorder
+    pair.forward([0], [[9, 8, 7, 6]], [0])  # slot 0 reused by a new sequence while live
+    pair.decode([4, 0], steps=3)
+    pair.forward([3], [[1]], [0])  # a one-token prompt (a decode-shaped call)
+    pair.decode([0, 3, 4], steps=2)
+    # Chunked prefill of slot 5 alongside decodes of the live batch.
+    pair.forward([5], [[11, 12, 13, 14, 15, 16]], [0])
+    pair.forward([5, 0], [[17, 18, 19], [3]])
+    pair.decode([0, 3, 4, 5], steps=4)
+    assert pair.onnx.calls["packed"] + pair.onnx.calls["continued"] == pair.calls
+
+
+def test_same_metadata_and_errors_as_torch(runners):
+    torch_runner, onnx_runner = runners(num_slots=2, max_model_len=16)
+    for name in ("vocab_size", "max_model_len", "num_slots", "eos_token_ids", "device", "dtype"):
+        assert getattr(onnx_runner, name) == getattr(torch_runner, name), name
+    assert onnx_runner.kv_cache_bytes == 2 * 4 * 2 * 2 * 16 * 48 * 4  # K and V, 4 layers, 2 slots, 2 heads, fp32
+    bad_calls = {
+        "out of range": ([2], [[1]], [0]),
+        "differ in length": ([0, 1], [[1]], [0, 0]),
+        "twice": ([0, 0], [[1], [2]], [0, 0]),
+        "no new tokens": ([0], [[]], [0]),
+        "negative": ([0], [[1]], [-1]),
+        "token ids": ([0], [[VOCAB]], [0]),
+        "empty batch": ([], [], []),
+        "max_model_len": ([0], [[1] * 17], [0]),
+    }
+    for message, args in bad_calls.items():
+        for runner in (torch_runner, onnx_runner):
+            with pytest.raises(ValueError, match=message):
+                runner.forward(*args)
+    onnx_runner.forward([0], [[1] * 16], [0])  # exactly full is fine
+    with pytest.raises(ValueError, match="num_slots"):
+        OnnxRuntimeRunner("unused", num_slots=0)
+    with pytest.raises(ValueError, match="float32 on the CPU"):
+        OnnxRuntimeRunner("unused", num_slots=1, dtype="float16")
+
+
+def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_engine_dir, tmp_path):
+    config = EngineConfig(model_dir=str(default_model_dir), runtime="onnxruntime", engine_dir=str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="make engine RUNTIME=onnxruntime MODEL_DIR="):
+        create_runner(config)
+    # The same engine folder, claimed by a model with other weights.
+    other = tmp_path / "other-model"
+    shutil.copytree(default_model_dir, other)
+    config_json = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config_json, "rms_norm_eps": 1e-5}))
+    config = EngineConfig(model_dir=str(other), runtime="onnxruntime", engine_dir=str(onnx_engine_dir))
+    with pytest.raises(ValueError, match=r"built from .*default.*make engine RUNTIME=onnxruntime"):
+        create_runner(config)
+
+
+def test_config_runtimes_and_engine_dir(default_model_dir):
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        EngineConfig(model_dir="x", runtime="onnx")
+    with pytest.raises(ValueError, match="engine_dir"):
+        EngineConfig(model_dir="x", runtime="onnxruntime", engine_dir=" ")
+
+
+def _run_in_flight(engine: LLMEngine, schedule: dict[int, list[tuple[str, int]]]) -> dict[str, list[int]]:
+    """Requests join at the steps `schedule` names, each with a fixed length (min_tokens = max_tokens),
+    so sequences join and leave the running batch at fixed steps; returns each one's token ids."""
+    seqs = {}
+    step = 0
+    while step <= max(schedule) or engine.has_unfinished():
+        for prompt, length in schedule.get(step, []):
+            params = SamplingParams(max_tokens=length, min_tokens=length)
+            seqs[f"{step}:{prompt}"] = engine.add_request(prompt, engine.encode(prompt), params, stream=False)
+        engine.step()
+        step += 1
+    return {name: seq.ids[seq.num_prompt_tokens:] for name, seq in seqs.items()}
+
+
+def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_engine_dir, engine_factory):
+    schedule = {
+        0: [("Once upon a time", 24), ("The little dog", 10), ("She said", 30)],
+        3: [("In the morning the children went to school and", 12)],
+        5: [("Tom and his mother", 20), ("A", 8)],
+        14: [("The sun was shining", 15)],
+    }
+    results = {}
+    for runtime, extra in (("torch", {}), ("onnxruntime", {"engine_dir": str(onnx_engine_dir)})):
+        engine = engine_factory(runtime=runtime, num_threads=1, max_num_seqs=8, **extra)
+        assert type(engine.runner).__name__ == {"torch": "TorchModelRunner",
+                                                 "onnxruntime": "OnnxRuntimeRunner"}[runtime]
+        results[runtime] = _run_in_flight(engine, schedule)
+        if runtime == "onnxruntime":  # the batch changed several times, and stayed the same between
+            assert engine.runner.calls["retired"] >= 4 and engine.runner.calls["continued"] >= 10
+    assert results["onnxruntime"] == results["torch"]
+    assert sorted(map(len, results["torch"].values())) == [8, 10, 12, 15, 20, 24, 30]
