@@ -51,23 +51,19 @@ bench: install model
 	$(PY) -m bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 
 # Locust over the gRPC stream, headless: writes build/loadtest/ (locust CSVs, report.html, summary.md).
-# Starts a server on free ports unless HOST=host:port names a running one (METRICS_URL= its metrics). SHAPE=step: the step load
-# (+STEP_USERS every STEP_TIME s until TTFT p95 > TTFT_P95_MS), goodput in build/loadtest/goodput.json.
+# Starts a server on free ports unless HOST=host:port names a running one (METRICS_URL: its metrics).
+# SHAPE=step (or `make loadtest-goodput`): +STEP_USERS every STEP_TIME s until TTFT p95 > TTFT_P95_MS;
+# goodput in build/loadtest/goodput.json. Unset step variables take loadtest/defaults.py's values.
 USERS ?= 16
 SPAWN_RATE ?= 4
 DURATION ?= 60s
-HOST ?=
-METRICS_URL ?=
 SHAPE ?= constant
-STEP_USERS ?= 4
-STEP_TIME ?= 15
-TTFT_P95_MS ?= 500
 LOADTEST_ARGS ?=
 loadtest: install model
-	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
-		--shape $(SHAPE) --step-users $(STEP_USERS) --step-time $(STEP_TIME) --ttft-p95-ms $(TTFT_P95_MS) \
+	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --shape $(SHAPE) \
 		--model-dir $(MODEL_DIR) $(if $(HOST),--host $(HOST)) $(if $(METRICS_URL),--metrics-url $(METRICS_URL)) \
-		$(LOADTEST_ARGS)
+		$(if $(STEP_USERS),--step-users $(STEP_USERS)) $(if $(STEP_TIME),--step-time $(STEP_TIME)) \
+		$(if $(TTFT_P95_MS),--ttft-p95-ms $(TTFT_P95_MS)) $(LOADTEST_ARGS)
 
 loadtest-goodput:
 	$(MAKE) loadtest SHAPE=step

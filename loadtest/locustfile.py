@@ -36,6 +36,7 @@ grpc_gevent.init_gevent()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` from any working directory
 
 from client import Client  # noqa: E402
+from loadtest import defaults  # noqa: E402
 from loadtest.prompts import DEFAULT_PROMPTS, Prompt, PromptSampler, load_prompts  # noqa: E402
 from loadtest.timing import REQUEST_TYPE, STOPPED, STREAM, StreamTimer  # noqa: E402
 
@@ -48,11 +49,11 @@ def _add_options(parser) -> None:
     group = parser.add_argument_group("LLM stream users (loadtest/locustfile.py)")
     group.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                        help="JSONL prompt file: {\"prompt\": str, \"max_tokens\": int} per line")
-    group.add_argument("--prompt-seed", type=int, default=0,
+    group.add_argument("--prompt-seed", type=int, default=defaults.PROMPT_SEED,
                        help="seed of the prompt draws: user N asks the same prompts on every run")
-    group.add_argument("--request-timeout", type=float, default=60.0,
+    group.add_argument("--request-timeout", type=float, default=defaults.REQUEST_TIMEOUT_S,
                        help="seconds a stream may take end to end before it fails as a timeout")
-    group.add_argument("--think-time", default="0.5,2",
+    group.add_argument("--think-time", default=defaults.THINK_TIME,
                        help="MIN,MAX seconds a user waits between two prompts (uniform)")
     group.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                        help="send min_tokens = max_tokens, so that every answer is as long as the prompt "

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from llmserve.launcher import TritonServer, model_env
+from loadtest import defaults
 from loadtest.prompts import DEFAULT_PROMPTS
 from loadtest.summary import Summary, read_stats
 # The one Prometheus text reader of the project (also used by the e2e tests).
@@ -55,14 +56,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--model-dir", default="build/models/default", help="model of the server we start")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "loadtest")
     parser.add_argument("--shape", choices=("constant", "step"), default="constant")
-    parser.add_argument("--step-users", type=int, default=4)
-    parser.add_argument("--step-time", type=float, default=15.0, help="seconds per step")
-    parser.add_argument("--ttft-p95-ms", type=float, default=500.0, help="step load's service level")
-    parser.add_argument("--step-max-users", type=int, default=256)
+    parser.add_argument("--step-users", type=int, default=defaults.STEP_USERS)
+    parser.add_argument("--step-time", type=float, default=defaults.STEP_TIME_S, help="seconds per step")
+    parser.add_argument("--ttft-p95-ms", type=float, default=defaults.TTFT_P95_MS, help="step load's service level")
+    parser.add_argument("--step-max-users", type=int, default=defaults.STEP_MAX_USERS)
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
-    parser.add_argument("--prompt-seed", type=int, default=0)
-    parser.add_argument("--request-timeout", type=float, default=60.0)
-    parser.add_argument("--think-time", default="0.5,2", help="MIN,MAX seconds between a user's prompts")
+    parser.add_argument("--prompt-seed", type=int, default=defaults.PROMPT_SEED)
+    parser.add_argument("--request-timeout", type=float, default=defaults.REQUEST_TIMEOUT_S)
+    parser.add_argument("--think-time", default=defaults.THINK_TIME, help="MIN,MAX seconds between a user's prompts")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="answers run to the prompt file's max_tokens (min_tokens = max_tokens)")
     args = parser.parse_args(argv)

@@ -18,17 +18,19 @@ from locust import LoadTestShape, events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` from any working directory
 
+from loadtest import defaults  # noqa: E402
 from loadtest.goodput import Snapshot, StepLoad, StepSettings, step_result  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     group = parser.add_argument_group("Step load (loadtest/shape.py)")
-    group.add_argument("--step-users", type=int, default=4, help="users added per step")
-    group.add_argument("--step-time", type=float, default=15.0, help="seconds per step")
-    group.add_argument("--ttft-p95-ms", type=float, default=500.0,
+    group.add_argument("--step-users", type=int, default=defaults.STEP_USERS, help="users added per step")
+    group.add_argument("--step-time", type=float, default=defaults.STEP_TIME_S, help="seconds per step")
+    group.add_argument("--ttft-p95-ms", type=float, default=defaults.TTFT_P95_MS,
                        help="service level: a step passes while its TTFT p95 is at or under this")
-    group.add_argument("--step-max-users", type=int, default=256, help="stop here even when every step passes")
+    group.add_argument("--step-max-users", type=int, default=defaults.STEP_MAX_USERS,
+                       help="stop here even when every step passes")
     group.add_argument("--goodput-json", default="build/loadtest/goodput.json",
                        help="where the steps and the goodput are written")
 

@@ -1,8 +1,9 @@
 """The run's summary, read back from locust's `<prefix>_stats.csv`.
 
 tokens/s = the sum over the stream rows of Requests/s x Average Content Size
-(response_length is the stream's generated tokens); streams in flight is
-Little's law over the same rows (Requests/s x mean seconds per stream).
+(response_length is the tokens a stream delivered, a failed one's included);
+streams/s counts the streams that did not fail; streams in flight is Little's
+law over the stream rows (Requests/s x mean seconds per stream).
 Percentiles are locust's: whole milliseconds, ~2 significant digits above 100 ms.
 """
 
@@ -53,33 +54,36 @@ class Summary:
     streams_per_s: float
     tokens_per_s: float
     streams_in_flight: float
-    ttft_ms: dict[str, int]
-    itl_ms: dict[str, int]
-    stream_ms: dict[str, int]
+    ttft_ms: dict[str, int | None]  # None: no such sample in the run
+    itl_ms: dict[str, int | None]
+    stream_ms: dict[str, int | None]
 
     @classmethod
     def from_rows(cls, rows: dict[str, Row]) -> Summary:
-        missing = [name for name in (TTFT, ITL, STREAM) if name not in rows]
-        if missing:
-            raise ValueError(f"the stats CSV has no {', '.join(missing)} row(s): no stream produced tokens")
-        streams = [rows[name] for name in (STREAM, STOPPED) if name in rows]
+        if STREAM not in rows and STOPPED not in rows:
+            raise ValueError("the stats CSV has no stream rows: no request finished during the run")
+        streams = [r for r in (rows.get(STREAM), rows.get(STOPPED)) if r is not None]
+
+        def pcts(name: str) -> dict[str, int | None]:
+            row = rows.get(name)
+            return row.percentiles_ms if row and row.count > row.failures else dict.fromkeys(PERCENTILES)
+
         return cls(
-            streams=rows[STREAM].count - rows[STREAM].failures,
+            streams=rows[STREAM].count - rows[STREAM].failures if STREAM in rows else 0,
             stopped_by_user=rows[STOPPED].count if STOPPED in rows else 0,
             failures=sum(r.failures for r in rows.values()),
-            streams_per_s=round(sum(r.per_s for r in streams), 2),
+            streams_per_s=round(sum(r.per_s * (r.count - r.failures) / r.count for r in streams if r.count), 2),
             tokens_per_s=round(sum(r.per_s * r.avg_tokens for r in streams), 1),
             streams_in_flight=round(sum(r.per_s * r.avg_ms / 1000.0 for r in streams), 2),
-            ttft_ms=rows[TTFT].percentiles_ms, itl_ms=rows[ITL].percentiles_ms,
-            stream_ms=rows[STREAM].percentiles_ms)
+            ttft_ms=pcts(TTFT), itl_ms=pcts(ITL), stream_ms=pcts(STREAM))
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def markdown(self, context: dict[str, str]) -> str:
         """A two-column table: `context` rows (run settings, server checks) first."""
-        def pcts(values: dict[str, int]) -> str:
-            return " / ".join(str(values[p]) for p in PERCENTILES)
+        def pcts(values: dict[str, int | None]) -> str:
+            return " / ".join("n/a" if values[p] is None else str(values[p]) for p in PERCENTILES)
 
         rows = [*context.items(),
                 ("streams completed / stopped by user", f"{self.streams} / {self.stopped_by_user}"),

@@ -126,3 +126,16 @@ def test_step_shape_writes_the_goodput(triton_server, tmp_path):
     assert all(s["within"] and s["ttft_count"] > 0 and s["tokens_per_s"] > 0 for s in goodput["steps"])
     assert goodput["goodput_users"] == 4 and "max users" in goodput["stopped_because"]
     assert "| goodput | 4 users within TTFT p95 <= 60000 ms" in run.stdout
+
+
+@pytest.mark.e2e
+def test_error_responses_count_as_failed_streams(triton_server, tmp_path):
+    prompts = tmp_path / "too_long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Once upon a time", "max_tokens": 5000}) + "\n")  # > context
+    run = _run_loadtest(triton_server, tmp_path, "--users", "1", "--spawn-rate", "1", "--duration", "3s",
+                        "--prompts", str(prompts), "--think-time", "0.2,0.2")
+    assert run.returncode == 1  # locust's exit code when requests failed
+    failures = _rows(tmp_path / "locust_failures.csv")
+    assert list(failures) == [STREAM] and "BadRequestError" in failures[STREAM]["Error"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failures"] >= 1 and summary["streams"] == 0 and summary["ttft_ms"]["50%"] is None
