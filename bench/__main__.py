@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64, help="also min_tokens: every request the same length")
     parser.add_argument("--requests-per-worker", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each level per system, interleaved across systems; latencies pooled")
     parser.add_argument("--systems", default="engine,triton,naive")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench")
     parser.add_argument("--variant", type=_variant, action="append", default=[],
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "cpus": os.cpu_count(),
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                   "requests_per_worker": args.requests_per_worker, "prompts": PROMPTS},
+                   "requests_per_worker": args.requests_per_worker, "repeats": args.repeats, "prompts": PROMPTS},
         "systems": {},
     }
     factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),
@@ -151,11 +153,15 @@ def main(argv: list[str] | None = None) -> None:
         engine = next((s for s in systems if isinstance(s, EngineSystem)), None)
         if engine is not None:
             results["prefill_ms"] = engine_limit.prefill_ms(engine.engine, PROMPTS[0])
-        # Level by level, every system in turn (the others idle): ratios compare runs minutes apart
-        # at most, on a machine whose speed drifts.
+        # Level by level, every system in turn (the others idle), each level repeated with the order
+        # rotated: ratios compare runs seconds apart, on a machine whose speed drifts.
         for c in args.concurrency:
+            runs: dict[str, list] = {system.name: [] for system in systems}
+            for repeat in range(args.repeats):
+                for system in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
+                    runs[system.name].append(system.run_level(c))
             for system in systems:
-                _store(results, system.name, c, summarize(system.run_level(c)))
+                _store(results, system.name, c, summarize(runs[system.name]))
     results["ratios"] = report.ratios(results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = report.markdown(results)

@@ -7,7 +7,8 @@
 - TPOT: (end-to-end latency - TTFT) / (output tokens - 1), per request
   (genai-perf's "inter token latency").
 - Latency: request sent -> last response.
-- Output tokens/s: all output tokens / (last end - first start) at that concurrency.
+- Output tokens/s: all output tokens / (last end - first start) at that concurrency; over
+  repeated runs of a level, all their tokens / the sum of their durations.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def itl_samples(record: RequestRecord) -> list[float]:
     return samples
 
 
-def summarize(records: list[RequestRecord]) -> dict:
+def summarize(runs: list[list[RequestRecord]]) -> dict:
+    """Metrics of one or more runs of a level: latencies pooled over all their requests."""
+    records = [r for run in runs for r in run]
     ok = [r for r in records if r.error is None and r.chunks]
-    result: dict = {"requests": len(records), "errors": len(records) - len(ok)}
+    result: dict = {"requests": len(records), "errors": len(records) - len(ok), "runs": len(runs)}
     if not ok:
         return result
-    duration = max(r.end for r in ok) - min(r.start for r in ok)
+    ok_runs = [[r for r in run if r.error is None and r.chunks] for run in runs]
+    duration = sum(max(r.end for r in run) - min(r.start for r in run) for run in ok_runs if run)
     tokens = sum(r.num_output_tokens for r in ok)
     result.update(output_tokens=tokens, duration_s=duration, output_tokens_per_s=tokens / duration)
     series = {
