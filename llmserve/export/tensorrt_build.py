@@ -228,8 +228,8 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
     onnx_dir, out_dir = Path(onnx_dir).resolve(), Path(out_dir).resolve()
     onnx_path = onnx_dir / "model.onnx"
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"no ONNX export at {onnx_path}: run `make engine RUNTIME=onnxruntime` "
-                                f"(or `python -m llmserve.export --runtime onnxruntime`) first")
+        raise FileNotFoundError(f"no ONNX export at {onnx_path}: `make engine RUNTIME=tensorrt` exports the "
+                                f"model for TensorRT and builds the plan (build_for_model)")
     export_info = _read_json(onnx_dir / MANIFEST)
     if max_model_len is None:
         max_model_len = int(export_info.get("max_positions") or 0) or 1024
