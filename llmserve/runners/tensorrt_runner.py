@@ -132,7 +132,8 @@ class TensorRTRunner(PastPresentRunner):
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    types = {trt.int64: torch.int64, trt.int32: torch.int32, trt.float32: torch.float32, trt.float16: torch.float16}
+    types = {getattr(trt.DataType, name): torch_type for name, torch_type in
+             (("INT64", torch.int64), ("INT32", torch.int32), ("FLOAT", torch.float32), ("HALF", torch.float16))}
     try:
         return types[dtype]
     except KeyError:
