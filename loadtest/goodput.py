@@ -14,7 +14,7 @@ from pathlib import Path
 
 from locust.stats import RequestStats, calculate_response_time_percentile, diff_response_time_dicts
 
-from loadtest.timing import ITL, REQUEST_TYPE, TTFT
+from loadtest.timing import ITL, REQUEST_TYPE, STOPPED, STREAM, TTFT
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,7 @@ class Snapshot:
     ttft_times: dict[int, int]
     ttft_count: int
     tokens: int
+    stream_ms: float  # summed durations of the streams finished so far
     failures: int
 
     @classmethod
@@ -54,6 +55,8 @@ class Snapshot:
                    ttft_times=dict(ttft.response_times) if ttft else {},
                    ttft_count=ttft.num_requests if ttft else 0,
                    tokens=sum(e.total_content_length for e in (ttft, itl) if e),
+                   stream_ms=sum(e.total_response_time for key in ((STREAM, REQUEST_TYPE), (STOPPED, REQUEST_TYPE))
+                                 if (e := stats.entries.get(key))),
                    failures=stats.total.num_failures)
 
 
@@ -64,6 +67,7 @@ class StepResult:
     ttft_count: int
     ttft_p95_ms: float | None  # None: no first token arrived during the step
     tokens_per_s: float
+    streams_in_flight: float  # mean concurrent streams (Little's law over the streams that finished)
     failures: int
     within: bool  # the step met the service level
 
@@ -76,6 +80,8 @@ def step_result(users: int, before: Snapshot, after: Snapshot, threshold_ms: flo
     failures = after.failures - before.failures
     return StepResult(users=users, seconds=round(seconds, 2), ttft_count=count, ttft_p95_ms=p95,
                       tokens_per_s=round((after.tokens - before.tokens) / seconds, 1) if seconds > 0 else 0.0,
+                      streams_in_flight=round((after.stream_ms - before.stream_ms) / 1000 / seconds, 2)
+                      if seconds > 0 else 0.0,
                       failures=failures, within=p95 is not None and p95 <= threshold_ms and failures == 0)
 
 
@@ -117,7 +123,9 @@ class StepLoad:
     def to_json(self) -> dict:
         return {"ttft_p95_threshold_ms": self.settings.ttft_p95_ms, "step_users": self.settings.step_users,
                 "step_time_s": self.settings.step_time_s, "max_users": self.settings.max_users,
-                "goodput_users": self.goodput_users, "stopped_because": self.stopped_because,
+                "goodput_users": self.goodput_users,
+                "goodput_streams_in_flight": max((s.streams_in_flight for s in self.steps if s.within), default=0.0),
+                "stopped_because": self.stopped_because,
                 "steps": [asdict(s) for s in self.steps]}
 
     def write(self, path: str | Path) -> None:

@@ -150,8 +150,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.shape == "step":
         goodput_path = args.out / "goodput.json"
         goodput = json.loads(goodput_path.read_text()) if goodput_path.exists() else None
-        context["goodput"] = (f"{goodput['goodput_users']} users within TTFT p95 <= {args.ttft_p95_ms:g} ms "
-                              f"({goodput['stopped_because']})" if goodput else "no step finished")
+        context["goodput"] = (f"{goodput['goodput_users']} users ({goodput['goodput_streams_in_flight']:g} streams "
+                              f"in flight) within TTFT p95 <= {args.ttft_p95_ms:g} ms ({goodput['stopped_because']})"
+                              if goodput else "no step finished")
     table = summary.markdown(context)
     (args.out / "summary.md").write_text(table + "\n")
     (args.out / "summary.json").write_text(json.dumps(

@@ -58,7 +58,8 @@ class StepLoadShape(LoadTestShape):
             self.load.write(self.runner.environment.parsed_options.goodput_json)
             step = self.load.steps[-1]
             print(f"step {len(self.load.steps)}: {users} users, TTFT p95 {step.ttft_p95_ms} ms over "
-                  f"{step.ttft_count} first tokens, {step.tokens_per_s} tokens/s, {step.failures} failures"
+                  f"{step.ttft_count} first tokens, {step.tokens_per_s} tokens/s, {step.streams_in_flight} streams in "
+                  f"flight, {step.failures} failures"
                   f" -> {'within' if step.within else 'missed'}", file=sys.stderr, flush=True)
             if not go_on:
                 return None

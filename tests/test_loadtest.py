@@ -56,8 +56,11 @@ def test_step_result_judges_only_the_steps_own_first_tokens():
     for _ in range(100):
         stats.log_request(REQUEST_TYPE, TTFT, 40.0, 1)
         stats.log_request(REQUEST_TYPE, ITL, 5.0, 1)
+    for _ in range(20):
+        stats.log_request(REQUEST_TYPE, STREAM, 2000.0, 10)  # 40 s of streams in 10 s: 4 in flight
     result = step_result(8, before, Snapshot.take(stats, at=10.0), threshold_ms=500)
-    assert (result.ttft_count, result.ttft_p95_ms, result.tokens_per_s, result.within) == (100, 40.0, 20.0, True)
+    assert (result.ttft_count, result.ttft_p95_ms, result.tokens_per_s, result.streams_in_flight, result.within) \
+        == (100, 40.0, 20.0, 4.0, True)
     stats.log_error(REQUEST_TYPE, STREAM, "timeout")
     assert not step_result(8, before, Snapshot.take(stats, at=10.0), threshold_ms=500).within
 
@@ -66,15 +69,15 @@ def test_step_load_stops_at_the_first_step_over_the_threshold():
     load = StepLoad(StepSettings(step_users=4, step_time_s=10, ttft_p95_ms=500, max_users=100))
     assert load.users == 4
     for users, p95 in ((4, 100.0), (8, 300.0)):
-        assert load.finish_step(StepResult(users, 10, 50, p95, 1000.0, 0, within=True))
+        assert load.finish_step(StepResult(users, 10, 50, p95, 1000.0, users / 2, 0, within=True))
     assert load.users == 12
-    assert not load.finish_step(StepResult(12, 10, 50, 700.0, 1000.0, 0, within=False))
-    assert load.goodput_users == 8
+    assert not load.finish_step(StepResult(12, 10, 50, 700.0, 1000.0, 6.0, 0, within=False))
+    assert load.goodput_users == 8 and load.to_json()["goodput_streams_in_flight"] == 4.0
     assert load.stopped_because == "TTFT p95 700 ms > 500 ms at 12 users"
     assert json.loads(json.dumps(load.to_json()))["steps"][2]["within"] is False
 
     capped = StepLoad(StepSettings(step_users=4, step_time_s=10, ttft_p95_ms=500, max_users=4))
-    assert not capped.finish_step(StepResult(4, 10, 50, 100.0, 1000.0, 0, within=True))
+    assert not capped.finish_step(StepResult(4, 10, 50, 100.0, 1000.0, 2.0, 0, within=True))
     assert capped.goodput_users == 4 and "max users" in capped.stopped_because
     with pytest.raises(ValueError, match="max users"):
         StepSettings(step_users=4, step_time_s=10, ttft_p95_ms=500, max_users=2)
@@ -125,7 +128,7 @@ def test_step_shape_writes_the_goodput(triton_server, tmp_path):
     assert [s["users"] for s in goodput["steps"]] == [2, 4]
     assert all(s["within"] and s["ttft_count"] > 0 and s["tokens_per_s"] > 0 for s in goodput["steps"])
     assert goodput["goodput_users"] == 4 and "max users" in goodput["stopped_because"]
-    assert "| goodput | 4 users within TTFT p95 <= 60000 ms" in run.stdout
+    assert "| goodput | 4 users (" in run.stdout and "within TTFT p95 <= 60000 ms" in run.stdout
 
 
 @pytest.mark.e2e
