@@ -44,14 +44,17 @@ class SlotStore:
 
     def gather(self, out: Sequence[torch.Tensor], slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Pack positions [0, lengths[b]) of slots[b] right-aligned into out[i] [B, Hkv, P, D]
-        (P = max(lengths)); the padding columns keep what they hold (finite, masked out)."""
+        (P >= max(lengths)). The padding columns are zeroed: they are masked out, but attention
+        still multiplies them by a 0 weight, and the arenas are not initialised (0 * NaN is NaN)."""
         width = out[0].shape[2]
         if width == 0:
             return
-        rows, slots_t, positions, columns = _runs(slots, [0] * len(slots), lengths,
-                                                  [width - n for n in lengths])
+        pads = [width - n for n in lengths]
+        rows, slots_t, positions, columns = _runs(slots, [0] * len(slots), lengths, pads)
+        pad_rows, _, _, pad_columns = _runs(slots, [0] * len(slots), pads, [0] * len(slots))
         for dst, src in zip(out, self.tensors):
             dst[rows, :, columns] = src[slots_t, :, positions]
+            dst[pad_rows, :, pad_columns] = 0
 
     def scatter(self, src: Sequence[torch.Tensor], slots: Sequence[int], first_positions: Sequence[int],
                 counts: Sequence[int], first_columns: Sequence[int]) -> None:
@@ -66,12 +69,13 @@ class SlotStore:
 
 class Arena:
     """One growable float32 buffer per graph K/V input; `views(shape)` are contiguous tensors over
-    their start, so ONNX Runtime reads and writes them in place. Zero-filled on growth: columns a
-    batch never writes (padding) must hold finite values, since 0 weight times NaN is NaN."""
+    their start, so the runtime reads and writes them in place. Not initialised (zero-filling
+    every growth cost ~0.4 ms per step at 32 sequences): `SlotStore.gather` zeroes the padding it
+    leaves, and the graph writes every column of present."""
 
     def __init__(self, num_tensors: int, device: str | torch.device = "cpu") -> None:
         self._device = device
-        self._buffers = [torch.zeros(0, device=device) for _ in range(num_tensors)]
+        self._buffers = [torch.empty(0, device=device) for _ in range(num_tensors)]
 
     def views(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
         need = 1
@@ -79,7 +83,7 @@ class Arena:
             need *= n
         if need > self._buffers[0].numel():
             grown = max(need, self._buffers[0].numel() * 3 // 2)
-            self._buffers = [torch.zeros(grown, device=self._device) for _ in self._buffers]
+            self._buffers = [torch.empty(grown, device=self._device) for _ in self._buffers]
         return [b[:need].view(shape) for b in self._buffers]
 
     @property
