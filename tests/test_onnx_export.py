@@ -137,6 +137,7 @@ def test_manifest_records_the_source(default_model_dir, onnx_engine_dir):
     assert (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"], manifest["vocab_size"]) == (
         4, 2, 48, 2048)
     assert manifest["files"] == ["model.onnx"] and manifest["dtype"] == "float32"
+    assert manifest["model_type"] == "llama" and manifest["opset"] == 23
     proto = onnx.load(onnx_engine_dir / "model.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == ["batch", "seq"]

@@ -26,7 +26,8 @@ def default_engine_dir(runtime: str, model_dir: str | Path, root: str | Path = D
     try:
         folder = RUNTIME_FOLDERS[runtime]
     except KeyError:
-        raise ValueError(f"no compiled engine for runtime {runtime!r} (engines: {', '.join(RUNTIME_FOLDERS)})") from None
+        raise ValueError(f"no compiled engine for runtime {runtime!r} "
+                         f"(engines: {', '.join(RUNTIME_FOLDERS)})") from None
     return Path(root) / folder / Path(model_dir).resolve().name
 
 

@@ -136,7 +136,8 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
     import torch
 
     from llmserve.export.graph import DecoderGraph, input_names, output_names
-    from llmserve.models import load_model
+    from llmserve.models import load_model, model_type_of
+    from llmserve.models.hf_config import read_config
 
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir) if out_dir is not None else default_engine_dir("onnxruntime", model_dir, out_root)
@@ -152,42 +153,49 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        with torch.no_grad(), _quiet_exporter():
-            program = torch.onnx.export(
-                graph, _sample_inputs(model), None, dynamo=True, input_names=input_names(L),
-                output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L), opset_version=opset,
-                optimize=True, verbose=False)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        program.save(work / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
-    except Exception as exc:  # the exporter's errors are long; keep the cause, name the step
+        try:
+            with torch.no_grad(), _quiet_exporter():
+                program = torch.onnx.export(
+                    graph, _sample_inputs(model), None, dynamo=True, input_names=input_names(L),
+                    output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L), opset_version=opset,
+                    optimize=True, verbose=False)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            program.save(work / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        except Exception as exc:  # the exporter's errors are long; keep the cause, name the step
+            raise ExportError(f"torch.onnx.export failed for {model_dir} ({type(exc).__name__}): {exc}") from exc
+        proto = onnx.load(work / MODEL_FILE, load_external_data=False)
+        _name_dimensions(proto, L)
+        onnx.save(proto, work / MODEL_FILE)
+        try:
+            onnx.checker.check_model(str(work / MODEL_FILE))
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported graph of {model_dir} is not valid ONNX: {exc}") from exc
+        write_manifest(work, {
+            "format": "onnx",
+            "graph_version": GRAPH_VERSION,
+            "source_model_dir": str(model_dir),
+            "fingerprint": model_fingerprint(model_dir),
+            "model_type": model_type_of(read_config(model_dir)),
+            "architecture": type(model).__name__,
+            "num_layers": L,
+            "num_heads": model.num_heads,
+            "num_kv_heads": model.num_kv_heads,
+            "head_dim": model.head_dim,
+            "vocab_size": model.vocab_size,
+            "max_positions": model.max_positions,
+            "opset": opset,
+            "dtype": "float32",
+            "precision": precision,
+            "inputs": input_names(L),
+            "outputs": output_names(L),
+            "files": sorted(p.name for p in work.iterdir() if p.name != MANIFEST),
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        raise ExportError(f"torch.onnx.export failed for {model_dir} ({type(exc).__name__}): {exc}") from exc
-    proto = onnx.load(work / MODEL_FILE, load_external_data=False)
-    _name_dimensions(proto, L)
-    onnx.save(proto, work / MODEL_FILE)
-    onnx.checker.check_model(str(work / MODEL_FILE))
-    write_manifest(work, {
-        "format": "onnx",
-        "graph_version": GRAPH_VERSION,
-        "source_model_dir": str(model_dir),
-        "fingerprint": model_fingerprint(model_dir),
-        "model_type": type(model).__name__,
-        "num_layers": L,
-        "num_heads": model.num_heads,
-        "num_kv_heads": model.num_kv_heads,
-        "head_dim": model.head_dim,
-        "vocab_size": model.vocab_size,
-        "max_positions": model.max_positions,
-        "opset": opset,
-        "dtype": "float32",
-        "precision": precision,
-        "inputs": input_names(L),
-        "outputs": output_names(L),
-        "files": sorted(p.name for p in work.iterdir() if p.name != MANIFEST),
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
+        raise
     # Swap the finished folder in: a runner never loads a half-written engine.
     if out_dir.exists():
         shutil.rmtree(out_dir)
