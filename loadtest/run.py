@@ -8,6 +8,7 @@
 Without --host it starts tritonserver on free ports (llmserve.launcher) and stops
 it afterwards. Writes into --out (default build/loadtest/): locust_stats.csv,
 locust_stats_history.csv, locust_failures.csv, locust_exceptions.csv,
+locust_fine_percentiles.csv (TTFT/ITL/stream percentiles at 1% resolution),
 report.html, summary.md, summary.json (and goodput.json for the step shape).
 Exit status: locust's (1 when any request failed) for the constant load; for
 the step load 0 when at least one step met the service level; 1 whenever the
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from llmserve.launcher import TritonServer, model_env
 from loadtest import defaults
+from loadtest.histogram import FINE_PERCENTILES, read_percentiles
 from loadtest.prompts import DEFAULT_PROMPTS
 from loadtest.summary import Summary, read_stats
 # The one Prometheus text reader of the project (also used by the e2e tests).
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if not stats_csv.exists():
         print(f"locust wrote no {stats_csv} (exit code {rc}); see its output above", file=sys.stderr)
         return rc or 1
-    summary = Summary.from_rows(read_stats(stats_csv))
+    fine_csv = args.out / f"{CSV_PREFIX}_{FINE_PERCENTILES}"
+    summary = Summary.from_rows(read_stats(stats_csv), read_percentiles(fine_csv) if fine_csv.exists() else None)
     load = (f"{args.users} users, spawn rate {args.spawn_rate:g}/s, {args.duration}" if args.shape == "constant"
             else f"step: +{args.step_users} users every {args.step_time:g} s")
     context = {"date (UTC)": started.strftime("%Y-%m-%d %H:%M"), "load": load,

@@ -4,7 +4,8 @@ tokens/s = the sum over the stream rows of Requests/s x Average Content Size
 (response_length is the tokens a stream delivered, a failed one's included);
 streams/s counts the streams that did not fail; streams in flight is Little's
 law over the stream rows (Requests/s x mean seconds per stream).
-Percentiles are locust's: whole milliseconds, ~2 significant digits above 100 ms.
+Percentiles come from <prefix>_fine_percentiles.csv (1% resolution, written by
+the locustfile) when it exists, else from locust's CSV (whole milliseconds).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from pathlib import Path
 from loadtest.timing import ITL, REQUEST_TYPE, STOPPED, STREAM, TTFT
 
 PERCENTILES = ("50%", "95%", "99%")
+
+
+def _ms(value: float | None) -> str:
+    """About 3 significant digits: 1.23, 45.6, 789."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,19 +62,22 @@ class Summary:
     streams_per_s: float
     tokens_per_s: float
     streams_in_flight: float
-    ttft_ms: dict[str, int | None]  # None: no such sample in the run
-    itl_ms: dict[str, int | None]
-    stream_ms: dict[str, int | None]
+    ttft_ms: dict[str, float | None]  # None: no such sample in the run
+    itl_ms: dict[str, float | None]
+    stream_ms: dict[str, float | None]
 
     @classmethod
-    def from_rows(cls, rows: dict[str, Row]) -> Summary:
+    def from_rows(cls, rows: dict[str, Row], fine: dict[str, dict[str, float]] | None = None) -> Summary:
+        """`fine`: the 1%-resolution percentiles (histogram.read_percentiles), preferred when present."""
         if STREAM not in rows and STOPPED not in rows:
             raise ValueError("the stats CSV has no stream rows: no request finished during the run")
         streams = [r for r in (rows.get(STREAM), rows.get(STOPPED)) if r is not None]
 
-        def pcts(name: str) -> dict[str, int | None]:
+        def pcts(name: str) -> dict[str, float | None]:
+            if fine and name in fine:
+                return fine[name]
             row = rows.get(name)
-            return row.percentiles_ms if row and row.count > row.failures else dict.fromkeys(PERCENTILES)
+            return dict(row.percentiles_ms) if row and row.count > row.failures else dict.fromkeys(PERCENTILES)
 
         return cls(
             streams=rows[STREAM].count - rows[STREAM].failures if STREAM in rows else 0,
@@ -82,8 +93,8 @@ class Summary:
 
     def markdown(self, context: dict[str, str]) -> str:
         """A two-column table: `context` rows (run settings, server checks) first."""
-        def pcts(values: dict[str, int | None]) -> str:
-            return " / ".join("n/a" if values[p] is None else str(values[p]) for p in PERCENTILES)
+        def pcts(values: dict[str, float | None]) -> str:
+            return " / ".join(_ms(values[p]) for p in PERCENTILES)
 
         rows = [*context.items(),
                 ("streams completed / stopped by user", f"{self.streams} / {self.stopped_by_user}"),

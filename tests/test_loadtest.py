@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ finally:
     del os.environ["LOCUST_SKIP_MONKEY_PATCH"]
 
 from client import StreamChunk
+from loadtest.histogram import LogHistogram
 from loadtest.timing import ITL, REQUEST_TYPE, STOPPED, STREAM, TTFT, StreamTimer
 from tests.conftest import REPO_ROOT
 
@@ -41,6 +43,20 @@ def test_stream_timer_ttft_then_one_itl_sample_per_token():
     assert timer.tokens == 4 and round(timer.elapsed_ms(10.1), 6) == 100.0
     with pytest.raises(ValueError, match="before the stream's start"):
         timer.on_chunk(_chunk("x", 5), 9.0)
+
+
+def test_log_histogram_percentiles_within_one_percent():
+    histogram = LogHistogram()
+    assert histogram.percentile(0.5) is None
+    samples = [0.37 + 0.01 * i for i in range(1000)]  # 0.37 .. 10.36 ms: below locust's 1 ms resolution
+    for ms in samples:
+        histogram.add(ms)
+    histogram.add(0.0)
+    for q in (0.5, 0.95, 0.99):
+        exact = sorted([0.0, *samples])[math.ceil(q * 1001) - 1]
+        assert abs(histogram.percentile(q) - exact) <= 0.01 * exact, q
+    with pytest.raises(ValueError):
+        histogram.add(-1.0)
 
 
 def _ttft_stats(*times_ms: float) -> RequestStats:
@@ -110,6 +126,11 @@ def test_short_locust_run_records_ttft_itl_and_streams_without_failures(triton_s
     assert int(rows[ITL]["Request Count"]) > int(rows[STREAM]["Request Count"])
     assert float(rows[STREAM]["Average Content Size"]) >= 16  # min_tokens = max_tokens >= 16
 
+    # The summary's percentiles (1% resolution) agree with locust's whole milliseconds.
+    fine = _rows(tmp_path / "locust_fine_percentiles.csv")
+    for name in (TTFT, ITL):
+        assert int(fine[name]["Count"]) == int(rows[name]["Request Count"])
+        assert abs(float(fine[name]["50%"]) - int(rows[name]["50%"])) <= max(1.0, 0.1 * int(rows[name]["50%"]))
     assert "| TTFT p50 / p95 / p99 (ms) |" in run.stdout and "| generated tokens/s |" in run.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["failures"] == 0 and summary["tokens_per_s"] > 0 and summary["ttft_ms"]["95%"] > 0

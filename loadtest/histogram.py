@@ -1,0 +1,66 @@
+"""Latency percentiles at 1% resolution.
+
+locust keeps response times in whole milliseconds (and 2 significant digits above
+100 ms), too coarse for inter-token latencies of 1-5 ms. This log-bucketed
+histogram keeps 1% relative resolution in constant memory, however long the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from pathlib import Path
+
+GROWTH = 1.01  # each bucket is 1% wider than the one before
+FLOOR_MS = 0.001  # everything below 1 us lands in one bucket
+PERCENTILES = (0.50, 0.95, 0.99)
+COLUMNS = ("Name", "Count", "50%", "95%", "99%")
+FINE_PERCENTILES = "fine_percentiles.csv"  # written next to locust's CSVs: <prefix>_fine_percentiles.csv
+
+
+class LogHistogram:
+    def __init__(self) -> None:
+        self._buckets: Counter[int] = Counter()
+        self.count = 0
+
+    def add(self, ms: float, count: int = 1) -> None:
+        if not ms >= 0:  # also rejects NaN
+            raise ValueError(f"a latency must be >= 0 ms, got {ms!r}")
+        key = math.floor(math.log(ms / FLOOR_MS, GROWTH)) if ms > FLOOR_MS else -1
+        self._buckets[key] += count
+        self.count += count
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank percentile (q in 0..1), as its bucket's geometric middle; None when empty."""
+        if not 0 < q <= 1:
+            raise ValueError(f"percentile must be in (0, 1], got {q}")
+        if not self.count:
+            return None
+        rank = math.ceil(q * self.count)
+        seen = 0
+        for key in sorted(self._buckets):
+            seen += self._buckets[key]
+            if seen >= rank:
+                return FLOOR_MS if key < 0 else FLOOR_MS * GROWTH ** (key + 0.5)
+        raise AssertionError("unreachable: the counts add up to self.count")
+
+    def clear(self) -> None:
+        self._buckets.clear()
+        self.count = 0
+
+
+def write_percentiles(path: str | Path, histograms: dict[str, LogHistogram]) -> None:
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for name, histogram in histograms.items():
+            if histogram.count:
+                writer.writerow([name, histogram.count,
+                                 *(f"{histogram.percentile(q):.2f}" for q in PERCENTILES)])
+
+
+def read_percentiles(path: str | Path) -> dict[str, dict[str, float]]:
+    """{name: {"50%": ms, "95%": ms, "99%": ms}} from a file written by `write_percentiles`."""
+    with Path(path).open(newline="") as f:
+        return {r["Name"]: {c: float(r[c]) for c in COLUMNS[2:]} for r in csv.DictReader(f)}
