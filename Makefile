@@ -59,9 +59,10 @@ SPAWN_RATE ?= 4
 DURATION ?= 60s
 SHAPE ?= constant
 LOADTEST_ARGS ?=
-loadtest: install model
+loadtest: install model $(if $(HOST),,$(if $(filter-out torch,$(RUNTIME)),engine))
 	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --shape $(SHAPE) \
-		--model-dir $(MODEL_DIR) $(if $(HOST),--host $(HOST)) $(if $(METRICS_URL),--metrics-url $(METRICS_URL)) \
+		--model-dir $(MODEL_DIR) --runtime $(RUNTIME) $(if $(HOST),--host $(HOST)) \
+		$(if $(METRICS_URL),--metrics-url $(METRICS_URL)) \
 		$(if $(STEP_USERS),--step-users $(STEP_USERS)) $(if $(STEP_TIME),--step-time $(STEP_TIME)) \
 		$(if $(TTFT_P95_MS),--ttft-p95-ms $(TTFT_P95_MS)) $(LOADTEST_ARGS)
 

@@ -12,7 +12,7 @@ locust_fine_percentiles.csv (TTFT/ITL/stream percentiles at 1% resolution),
 report.html, summary.md, summary.json (and goodput.json for the step shape).
 Exit status: locust's (1 when any request failed) for the constant load; for
 the step load 0 when at least one step met the service level; 1 whenever the
-server still had active sequences after the run.
+server exited during the run or still had active sequences after it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--metrics-url", default=None,
                         help="its metrics URL, for the server-side checks (known when the server is ours)")
     parser.add_argument("--model-dir", default="build/models/default", help="model of the server we start")
+    parser.add_argument("--runtime", default=None, help="its runtime (torch, onnxruntime, ...; default: the server's)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "loadtest")
     parser.add_argument("--shape", choices=("constant", "step"), default="constant")
     parser.add_argument("--step-users", type=int, default=defaults.STEP_USERS)
@@ -108,6 +109,21 @@ def _active_after_run(metrics_url: str) -> float:
     return active
 
 
+def _server_checks(metrics_url: str, cancelled_before: float) -> tuple[dict[str, str], str | None]:
+    """Summary rows from the server's metrics after the run, and the problem they show, if any."""
+    try:
+        active = _active_after_run(metrics_url)
+        cancelled = _cancelled_on_server(metrics_url) - cancelled_before
+    except OSError as exc:  # URLError included: the server is gone
+        return ({"server: after the run": "unreachable"},
+                f"the server's metrics ({metrics_url}) did not answer after the run ({exc}): did it exit?")
+    rows = {"server: active sequences after the run": f"{active:.0f}",
+            "server: requests cancelled": f"{cancelled:.0f}"}
+    problem = (f"the server still had {active:.0f} active sequence(s) {IDLE_WAIT_S:.0f} s after the run"
+               if active else None)
+    return rows, problem
+
+
 def _clean(out: Path) -> None:
     """Old result files would pass for this run's when locust fails early."""
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +138,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         host, metrics_url = args.host, args.metrics_url
         if host is None:
             print("starting tritonserver on free ports ...", flush=True)
-            server = stack.enter_context(TritonServer(env=model_env(args.model_dir),
+            server = stack.enter_context(TritonServer(env=model_env(args.model_dir, args.runtime),
                                                       log_path=args.out / "server.log"))
             host, metrics_url = server.grpc_url, server.metrics_url
         cancelled_before = _cancelled_on_server(metrics_url) if metrics_url else None
@@ -130,14 +146,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         cmd = locust_command(args, host, extra)
         print("$ " + " ".join(cmd[1:]), flush=True)
         rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
-        server_checks: dict[str, str] = {}
-        active = None
-        if metrics_url:
-            active = _active_after_run(metrics_url)
-            server_checks = {
-                "server: active sequences after the run": f"{active:.0f}",
-                "server: requests cancelled": f"{_cancelled_on_server(metrics_url) - cancelled_before:.0f}",
-            }
+        server_checks, problem = _server_checks(metrics_url, cancelled_before) if metrics_url else ({}, None)
+        if args.host is None and server.process.poll() is not None:
+            problem = (f"tritonserver exited during the run (code {server.process.returncode}); "
+                       f"its log ({args.out / 'server.log'}) ends with:\n{server.log_tail(3000)}")
 
     stats_csv = args.out / f"{CSV_PREFIX}_stats.csv"
     if not stats_csv.exists():
@@ -148,7 +160,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     load = (f"{args.users} users, spawn rate {args.spawn_rate:g}/s, {args.duration}" if args.shape == "constant"
             else f"step: +{args.step_users} users every {args.step_time:g} s")
     context = {"date (UTC)": started.strftime("%Y-%m-%d %H:%M"), "load": load,
-               "server": "started here" if args.host is None else host, **server_checks}
+               "server": (f"started here: {args.model_dir}, runtime {args.runtime or 'default'}"
+                          if args.host is None else host), **server_checks}
     goodput = None
     if args.shape == "step":
         goodput_path = args.out / "goodput.json"
@@ -161,9 +174,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     (args.out / "summary.json").write_text(json.dumps(
         {"context": context, **summary.to_json(), "goodput": goodput}, indent=2) + "\n")
     print(f"\n{table}\n\nreport: {args.out / 'report.html'}; CSVs: {args.out / CSV_PREFIX}_*.csv")
-    if active:
-        print(f"the server still had {active:.0f} active sequence(s) {IDLE_WAIT_S:.0f} s after the run",
-              file=sys.stderr)
+    if problem:
+        print(problem, file=sys.stderr)
         return 1
     if args.shape == "step":
         return 0 if goodput and goodput["goodput_users"] > 0 else 1
