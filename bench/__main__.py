@@ -19,6 +19,7 @@ from bench import engine_limit, loadgen, report
 from bench.metrics import summarize
 from bench.prompts import PROMPTS
 from llmserve.memory import freeze_startup_objects
+from llmserve.settings import DEFAULT_RUNTIME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ class EngineSystem:
 
     def __init__(self, args) -> None:
         self.args = args
-        self.engine = engine_limit.make_engine(args.model_dir, max(args.concurrency))
+        self.engine = engine_limit.make_engine(args.model_dir, max(args.concurrency), args.runtime)
 
     def __enter__(self) -> EngineSystem:
         engine_limit.run_level(self.engine, PROMPTS, 2, 1, 8)  # warm-up
@@ -77,7 +78,7 @@ class TritonSystem(_ServedSystem):
     def __init__(self, args, name: str = "triton", settings: dict[str, str] | None = None) -> None:
         from llmserve.launcher import TritonServer, model_env
 
-        env = model_env(args.model_dir, **(settings or {}))
+        env = model_env(args.model_dir, **{"runtime": args.runtime, **(settings or {})})
         super().__init__(args, name, TritonServer(env=env, log_path=args.out / f"{name}.log"))
         self.client = None
 
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", default=str(REPO_ROOT / "build" / "models" / "default"))
     parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 32, 64])
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME,
+                        help="runtime of the engine and the server (a --variant may set another)")
     parser.add_argument("--max-tokens", type=int, default=64, help="also min_tokens: every request the same length")
     parser.add_argument("--requests-per-worker", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3,
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "cpus": os.cpu_count(),
+        "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "runtime": args.runtime, "cpus": os.cpu_count(),
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                    "requests_per_worker": args.requests_per_worker, "repeats": args.repeats, "prompts": PROMPTS},
         "systems": {},

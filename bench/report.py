@@ -44,7 +44,7 @@ def ratios(results: dict) -> dict:
 def markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [
-        f"Model `{cfg['model']}`, {cfg['cpus']} CPUs, max_tokens = min_tokens = {cfg['max_tokens']} (greedy), "
+        f"Model `{cfg['model']}`, runtime {cfg.get('runtime', 'torch')}, {cfg['cpus']} CPUs, max_tokens = min_tokens = {cfg['max_tokens']} (greedy), "
         f"{cfg['requests_per_worker']} requests per worker, {cfg.get('repeats', 1)} runs per level, "
         f"{len(cfg['prompts'])} prompts; {results['date']}.",
         "",

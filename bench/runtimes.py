@@ -15,15 +15,12 @@ from bench.engine_limit import run_level
 from bench.prompts import PROMPTS
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
-from llmserve.launcher import REPO_ROOT
+from llmserve.launcher import REPO_ROOT, ensure_engine
 from llmserve.memory import freeze_startup_objects
 
 
 def make_engine(model_dir: str, runtime: str, max_num_seqs: int, threads: int) -> LLMEngine:
-    if runtime == "onnxruntime":
-        from llmserve.export.onnx_export import export_onnx
-
-        export_onnx(model_dir, force=False)  # build/engines/onnx/<model>, as `make engine` does
+    ensure_engine(model_dir, runtime)  # build/engines/onnx/<model>, as `make engine` does
     return LLMEngine(EngineConfig(model_dir=model_dir, runtime=runtime, max_num_seqs=max_num_seqs,
                                   num_threads=threads))
 

@@ -208,8 +208,22 @@ class ServerProcess:
         self.stop()
 
 
+def ensure_engine(model_dir: str | os.PathLike | None = None, runtime: str | None = None) -> None:
+    """Build the ONNX Runtime engine of `model_dir` (default: the built model) in build/engines when
+    `runtime` (default: the server's) is onnxruntime and the engine is missing or was built from
+    other weights; seconds, and at once when current: `make engine`'s step. A TensorRT plan is
+    built by `make engine RUNTIME=tensorrt` (minutes, on the GPU) and only checked at load."""
+    from llmserve.settings import DEFAULT_MODEL_DIR, DEFAULT_RUNTIME
+
+    if (runtime or DEFAULT_RUNTIME) == "onnxruntime":
+        from llmserve.export.onnx_export import export_onnx
+
+        export_onnx(model_dir or REPO_ROOT / DEFAULT_MODEL_DIR, force=False)
+
+
 class TritonServer(ServerProcess):
-    """tritonserver on free ports, serving the model repository."""
+    """tritonserver on free ports, serving the model repository (its ONNX Runtime engine built first
+    when missing: `ensure_engine`)."""
 
     name = "tritonserver"
 
@@ -222,6 +236,11 @@ class TritonServer(ServerProcess):
     def command(self) -> list[str]:
         return server_command(find_tritonserver(), self.model_repository, self.grpc_port, self.http_port,
                               self.metrics_port)
+
+    def start(self, timeout: float = 240.0):
+        if not self._env.get("LLM_ENGINE_DIR"):  # an engine folder of one's own is one's own to build
+            ensure_engine(self._env.get("LLM_MODEL_DIR"), self._env.get("LLM_RUNTIME"))
+        return super().start(timeout)
 
     @property
     def grpc_url(self) -> str:
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run tritonserver on the model repository (foreground).")
     parser.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
     parser.add_argument("--model-dir", default=None, help="Hugging Face model folder (default: the built model)")
-    parser.add_argument("--runtime", default=None, help="torch (default), onnxruntime or tensorrt")
+    parser.add_argument("--runtime", default=None, help="onnxruntime (default), torch or tensorrt")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -256,7 +275,10 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr, flush=True)
     # TensorRT runs on the GPU only: `make serve RUNTIME=tensorrt` needs no LLM_DEVICE=cuda beside it.
     extra = {"device": "cuda"} if args.runtime == "tensorrt" and "LLM_DEVICE" not in os.environ else {}
-    os.execvpe(cmd[0], cmd, server_env(model_env(args.model_dir, args.runtime, **extra)))
+    env = server_env(model_env(args.model_dir, args.runtime, **extra))
+    if not env.get("LLM_ENGINE_DIR"):
+        ensure_engine(env.get("LLM_MODEL_DIR"), env.get("LLM_RUNTIME"))
+    os.execvpe(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = "build/models/default"  # relative to the repository root
+# The llm model's runtime when none is set (config.pbtxt says the same): on CPU the ONNX Runtime
+# runner is faster than torch at every concurrency (README "Runtimes"). torch and tensorrt run on GPUs.
+DEFAULT_RUNTIME = "onnxruntime"
 
 
 def model_parameter(args: dict, key: str, default: str = "") -> str:

@@ -97,3 +97,14 @@ def test_output_info_round_trips():
         packed = info.pack()
         assert packed.shape == (1, 6) and packed.dtype == np.int64
         assert OutputInfo.unpack(packed) == info
+
+
+def test_server_default_runtime_is_the_one_config_pbtxt_names():
+    import re
+    from pathlib import Path
+
+    from llmserve.settings import DEFAULT_RUNTIME
+
+    config = (Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt").read_text()
+    named = re.search(r'key: "runtime" value \{ string_value: "(\w+)" \}', config).group(1)
+    assert named == DEFAULT_RUNTIME == "onnxruntime"

@@ -1,5 +1,5 @@
-"""End to end on runtime onnxruntime: a real tritonserver whose llm model runs the exported graph
-streams the same greedy text through the ensemble as the torch server."""
+"""End to end across runtimes: the default server (onnxruntime: its llm model runs the exported
+graph) streams the same greedy text through the ensemble as a server on runtime torch."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ PROMPTS = ["Once upon a time", "The little dog", "One day, Lily went to the park
 
 
 @pytest.fixture(scope="module")
-def onnx_server(default_model_dir, onnx_engine_dir, tmp_path_factory):
+def torch_server(default_model_dir, tmp_path_factory):
     from llmserve.launcher import TritonServer, model_env
 
-    env = model_env(str(default_model_dir), "onnxruntime", engine_dir=str(onnx_engine_dir))
-    server = TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton-onnx") / "server.log")
+    env = model_env(str(default_model_dir), "torch")
+    server = TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton-torch") / "server.log")
     server.start()
     try:
         yield server
@@ -43,18 +43,18 @@ def _group_maps(pgid: int) -> str:
     return "".join(maps)
 
 
-def test_onnxruntime_server_streams_the_torch_servers_text(triton_server, onnx_server):
+def test_default_onnxruntime_server_streams_the_torch_servers_text(triton_server, torch_server):
     def both(prompt: str):
         values = dict(text_input=prompt, max_tokens=32, min_tokens=32, stream=True)
-        return run_stream(triton_server.grpc_url, **values), run_stream(onnx_server.grpc_url, **values)
+        return run_stream(torch_server.grpc_url, **values), run_stream(triton_server.grpc_url, **values)
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: the onnx server batches them in flight
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: both servers batch them in flight
         results = list(pool.map(both, PROMPTS))
     for torch_result, onnx_result in results:
         assert torch_result.error is None and onnx_result.error is None
         assert len([p for p in onnx_result.pieces if p]) > 1  # streamed
         assert onnx_result.num_output_tokens == 32
         assert onnx_result.text == torch_result.text and onnx_result.text.strip()
-    # The llm model really runs ONNX Runtime (its native library is loaded in a stub process).
-    assert "onnxruntime_pybind11_state" in _group_maps(onnx_server.process.pid)
-    assert "onnxruntime_pybind11_state" not in _group_maps(triton_server.process.pid)
+    # The default server's llm model really runs ONNX Runtime (its native library is loaded in a stub).
+    assert "onnxruntime_pybind11_state" in _group_maps(triton_server.process.pid)
+    assert "onnxruntime_pybind11_state" not in _group_maps(torch_server.process.pid)

@@ -37,7 +37,8 @@ def gpt2_model_dir(default_model_dir, tmp_path_factory):
 def second_server(triton_server, gpt2_model_dir, tmp_path_factory):
     from llmserve.launcher import TritonServer, model_env
 
-    env = model_env(str(gpt2_model_dir), max_num_seqs=1, max_queued_requests=1)
+    # The torch runtime end to end (the first server runs the default, onnxruntime).
+    env = model_env(str(gpt2_model_dir), "torch", max_num_seqs=1, max_queued_requests=1)
     server = TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton2") / "server.log")
     server.start()
     try:

@@ -12,7 +12,7 @@ from llmserve.engine import LLMEngine, RequestOutput
 from llmserve.engine_loop import EngineLoop
 from llmserve.errors import InvalidRequestError
 from llmserve.memory import freeze_startup_objects
-from llmserve.settings import model_parameter, resolve_model_dir
+from llmserve.settings import DEFAULT_RUNTIME, model_parameter, resolve_model_dir
 from llmserve.triton_io import OutputInfo, parse_llm_request
 from llmserve.triton_metrics import EngineMetrics
 from llmserve.triton_pb import error_response, request_inputs
@@ -28,7 +28,7 @@ class TritonPythonModel:
 
         config = EngineConfig(
             model_dir=resolve_model_dir(args),
-            runtime=setting("runtime", "torch"),
+            runtime=setting("runtime", DEFAULT_RUNTIME),
             engine_dir=setting("engine_dir", None),
             device=setting("device", "cpu"),
             dtype=setting("dtype", "float32"),

@@ -20,7 +20,9 @@ from llmserve.triton_io import OutputInfo
 from llmserve.triton_pb import error_response, int_tensor, request_inputs, string_tensor
 
 _REMEMBERED_SEQUENCES = 4096
-CANCEL_CHECK_S = 0.05
+# At ~3000 tokens/s (one sequence, onnxruntime) a check every 10 ms lets ~30 tokens through after a
+# cancel; under load a sequence's responses come further apart than this anyway.
+CANCEL_CHECK_S = 0.01
 
 
 class TritonPythonModel:
