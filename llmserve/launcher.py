@@ -15,6 +15,7 @@ Outside the NGC container the binary and its Python backend come from the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import filecmp
 import os
@@ -197,6 +198,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self.process is not None:
+            # A model stub can outlive its tritonserver (one blocked in an IPC to it never notices).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
             self._log = None

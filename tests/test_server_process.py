@@ -55,3 +55,32 @@ def test_server_stops_when_its_starter_is_killed():
         assert not _alive(server_pid), "the server outlived the process that started it"
     finally:
         starter.kill()
+
+
+def test_stop_leaves_no_process_of_the_server_behind(tmp_path):
+    """Like a model stub that outlives its tritonserver: a child that ignores the stop signal."""
+    from llmserve.launcher import ServerProcess, free_port
+
+    pid_file = tmp_path / "child.pid"
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
+    port = free_port()
+    script = (f"import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', {stubborn!r}]); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+              f"import runpy; sys.argv = ['http.server', '{port}', '--bind', '127.0.0.1']; "
+              f"runpy.run_module('http.server', run_name='__main__')")
+
+    class Server(ServerProcess):
+        def command(self):
+            return [sys.executable, "-c", script]
+
+        @property
+        def health_url(self):
+            return f"http://127.0.0.1:{port}/"
+
+    with Server():
+        child = int(pid_file.read_text())
+        assert _alive(child)
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "a process of the server's group outlived stop()"
