@@ -60,12 +60,13 @@ class _Outbox:
             self._pending[seq_id] = (handle, item)  # an error replaces what was waiting: the request failed
             self._ready.notify()
 
-    def take(self) -> list[tuple[Handle, RequestOutput | Exception]] | None:
-        """Everything waiting (in arrival order), or None once closed and drained."""
+    def take(self) -> list[tuple[int, Handle, RequestOutput | Exception]] | None:
+        """Everything waiting (in arrival order) as (seq_id, handle, item), or None once closed and drained."""
         with self._ready:
             while not self._pending and not self._closed:
                 self._ready.wait()
-            batch, self._pending = list(self._pending.values()), {}
+            batch = [(seq_id, handle, item) for seq_id, (handle, item) in self._pending.items()]
+            self._pending = {}
             return batch or None
 
     def close(self) -> None:
@@ -91,6 +92,11 @@ class EngineLoop:
         self._stopping = False
         self._outbox = _Outbox()
         self._closing = threading.Event()
+        # Handles the cancellation watcher may ask, until their final response goes out: asking a
+        # Triton response sender after its final response crashes tritonserver (the factory is freed).
+        # The lock pairs one check (an IPC, ~0.1 ms) with the sender's removal before a final send.
+        self._watched: dict[int, Handle] = {}
+        self._watched_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="llm-sender", daemon=True)
         self._watcher = threading.Thread(target=self._watch_cancellation, name="llm-cancel-watch", daemon=True)
@@ -172,6 +178,7 @@ class EngineLoop:
             self._fail(item.handle, exc)
             return
         self._handles[seq.seq_id] = item.handle
+        self._watched[seq.seq_id] = item.handle  # no lock: the engine thread never waits for a check
 
     def _abort(self, item: _Abort) -> None:
         if item.seq_id is not None:
@@ -195,11 +202,17 @@ class EngineLoop:
         """Ask every open request whether its client cancelled, every `cancel_check_interval`. Off
         the engine thread: in Triton each ask is an IPC, and a step must not wait for one per sequence."""
         while not self._closing.wait(self._cancel_check_interval):
-            for seq_id, handle in list(self._handles.items()):  # a snapshot: the loop thread owns the dict
-                try:
-                    cancelled = self._is_cancelled(handle)
-                except Exception:  # e.g. the request ended meanwhile
-                    continue
+            with self._watched_lock:
+                seq_ids = list(self._watched)
+            for seq_id in seq_ids:
+                with self._watched_lock:  # the sender cannot end this request meanwhile
+                    handle = self._watched.get(seq_id)
+                    if handle is None:
+                        continue
+                    try:
+                        cancelled = self._is_cancelled(handle)
+                    except Exception:
+                        continue
                 if cancelled:
                     self.abort_sequence(seq_id)
 
@@ -207,7 +220,10 @@ class EngineLoop:
 
     def _send_loop(self) -> None:
         while (batch := self._outbox.take()) is not None:
-            for handle, item in batch:
+            for seq_id, handle, item in batch:
+                if isinstance(item, Exception) or item.finished:
+                    with self._watched_lock:
+                        self._watched.pop(seq_id, None)
                 try:
                     if isinstance(item, Exception):
                         self._fail(handle, item)

@@ -228,7 +228,8 @@ def test_break_cancels_on_the_server(triton_server):
         with cancelled_on_server(triton_server):
             for chunk in client.stream(PROMPT, **LONG):
                 assert chunk.text and chunk.finish_reason is None
-                assert active(triton_server) == 1
+                # The server's gauges are flushed at most every 50 ms: the first chunk can come sooner.
+                assert wait_until(lambda: active(triton_server) == 1, 2.0)
                 break
         # The stream's connection went back to the pool and still works.
         assert client.generate(PROMPT, max_tokens=4, min_tokens=4, **GREEDY).num_output_tokens == 4

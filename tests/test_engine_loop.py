@@ -2,6 +2,7 @@
 
 import queue
 import threading
+import time
 
 import pytest
 
@@ -152,9 +153,48 @@ def test_generation_does_not_wait_for_cancellation_checks(engine_factory):
         for i, handle in enumerate(handles):
             loop.submit(handle, f"r{i}", loop.engine.encode("Once upon"), SamplingParams(max_tokens=40, min_tokens=40))
         assert asked.wait(timeout=30)  # the check is under way, and blocked
+        # The engine generates every token meanwhile (sending a final response does wait for a check
+        # under way: see the next test).
+        deadline = time.monotonic() + 30
+        while loop.engine.stats.generated_tokens < 3 * 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.engine.stats.generated_tokens == 3 * 40
+        assert not gate.is_set()
+        gate.set()
         for handle in handles:
             assert collect(handle)[-1].num_output_tokens == 40
-        assert not gate.is_set()
     finally:
         gate.set()
         loop.shutdown()
+
+
+def test_no_cancellation_check_after_a_final_response(engine_factory):
+    """Asking a Triton response sender after its final response crashes tritonserver (its response
+    factory is freed), so the watcher must never ask a request that has ended."""
+    late_checks = []
+
+    def send(handle, out):
+        handle.ended = handle.ended or out.finished
+        handle.outputs.put(out)
+
+    def is_cancelled(handle):
+        ended = handle.ended
+        time.sleep(0.0002)  # an IPC's time, during which the request may end
+        if ended or handle.ended:
+            late_checks.append(handle)
+        return False
+
+    loop = EngineLoop(engine_factory(max_num_seqs=16), send=send, fail=lambda h, e: None,
+                      is_cancelled=is_cancelled, cancel_check_interval=0.0001)
+    loop.start()
+    try:
+        for wave in range(5):
+            handles = [Handle() for _ in range(16)]
+            for i, handle in enumerate(handles):
+                handle.ended = False
+                loop.submit(handle, f"w{wave}-{i}", loop.engine.encode("Once"), SamplingParams(max_tokens=1 + i % 4))
+            for handle in handles:
+                collect(handle)
+    finally:
+        loop.shutdown()
+    assert not late_checks, f"{len(late_checks)} cancellation checks after a final response"
