@@ -54,12 +54,14 @@ def send_stop(url: str, request_id: str, *, model: str = DEFAULT_STOP_MODEL,
     """
     answers: queue.SimpleQueue[grpcclient.InferenceServerException | None] = queue.SimpleQueue()
     triton: grpcclient.InferenceServerClient | None = None
+    answered = False
     try:
         triton = grpcclient.InferenceServerClient(url)
         triton.start_stream(callback=lambda result, error: answers.put(error), stream_timeout=timeout)
         triton.async_stream_infer(model, build_stop_inputs(), request_id=request_id,
                                   enable_empty_final_response=True)
         error = answers.get(timeout=timeout)
+        answered = True
         if error is not None:
             log.debug("stop request for %s answered with an error: %s", request_id, error)
         return error is None
@@ -72,7 +74,9 @@ def send_stop(url: str, request_id: str, *, model: str = DEFAULT_STOP_MODEL,
     finally:
         if triton is not None:
             try:
-                triton.stop_stream(cancel_requests=True)
+                # Answered: end the stream normally (cancelling a streaming RPC around its final
+                # response can crash Triton 2.51's gRPC frontend); not answered: cancel it.
+                triton.stop_stream(cancel_requests=not answered)
                 triton.close()
             except Exception:
                 pass

@@ -92,7 +92,7 @@ class AsyncClient:
         self.stop_timeout = stop_timeout
         self._triton: aio.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_tasks: set[asyncio.Future[bool]] = set()
+        self._stop_tasks: set[asyncio.Future] = set()  # stop requests and stopped streams being drained
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -115,7 +115,7 @@ class AsyncClient:
         """Wait (bounded) for pending stop requests, then close the channel."""
         self._closed = True
         if self._stop_tasks:
-            await asyncio.wait(set(self._stop_tasks), timeout=self.stop_timeout + 1.0)
+            await asyncio.wait(set(self._stop_tasks), timeout=2 * self.stop_timeout + 1.0)
         triton, self._triton = self._triton, None
         if triton is not None:
             await triton.close()
@@ -149,9 +149,12 @@ class AsyncClient:
         call = _open_stream(self._client(), self.model, request, self.timeout)
         assembler = ChunkAssembler(request.max_tokens)
         request_over = False  # the server ended the request (final or error): nothing to stop
+        reading = False  # awaiting the next response: a cancellation now also cancels the RPC
         try:
             while True:
+                reading = True
                 response = await self._read(call)
+                reading = False
                 if response is grpc.aio.EOF:
                     raise ClientError("the server closed the stream before the request's final response")
                 if response.error_message:
@@ -171,9 +174,13 @@ class AsyncClient:
         finally:
             # No await in here: this also runs while the task is being cancelled.
             if not assembler.done:
-                call.cancel()
-                if not request_over and self.stop_model:
-                    self._stop_in_background(request.request_id)
+                # The caller left between chunks (break, aclose): stop it, then drain the stream.
+                graceful = (not request_over and not reading and self.stop_model is not None
+                            and self._finish_in_background(call, request, assembler))
+                if not graceful:
+                    call.cancel()
+                    if not request_over and self.stop_model:
+                        self._stop_in_background(request.request_id)
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> service_pb2.ModelStreamInferResponse:
         try:
@@ -187,6 +194,39 @@ class AsyncClient:
             if self._closed and not _caller_is_cancelling():
                 raise GenerationCancelledError("AsyncClient was closed during the request", "CANCELLED") from None
             raise
+
+    def _finish_in_background(self, call: grpc.aio.StreamStreamCall, request: PreparedRequest,
+                              assembler: ChunkAssembler) -> bool:
+        """Stop the request on the server, then read its stream to the final response; cancel the
+        RPC only if that fails. Cancelling a streaming RPC while responses are in flight can crash
+        Triton 2.51's gRPC frontend (triton-inference-server/server#7840, #8034). False when no
+        event loop runs (the caller then cancels)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
+        async def finish() -> None:
+            try:
+                stopped = await loop.run_in_executor(None, lambda: send_stop(
+                    self.url, request.request_id, model=self.stop_model, timeout=self.stop_timeout))
+                if stopped:
+                    async with asyncio.timeout(self.stop_timeout):
+                        while not assembler.done:
+                            response = await call.read()
+                            if response is grpc.aio.EOF or response.error_message:
+                                break
+                            assembler.feed(InferResult(response.infer_response))
+            except (TimeoutError, grpc.RpcError):
+                pass
+            finally:
+                if not assembler.done:
+                    call.cancel()
+
+        task = loop.create_task(finish())
+        self._stop_tasks.add(task)
+        task.add_done_callback(self._stop_tasks.discard)
+        return True
 
     def _stop_in_background(self, request_id: str) -> None:
         """Send the explicit stop without delaying the caller (or its cancellation)."""

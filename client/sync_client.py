@@ -150,6 +150,7 @@ class Client:
         assembler = ChunkAssembler(request.max_tokens)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         request_over = False  # the server ended the request (final or error): nothing to stop
+        timed_out = False  # its stream is past its gRPC deadline: nothing more will come on it
         try:
             try:
                 triton.start_stream(callback=lambda result, error: responses.put((result, error)),
@@ -179,10 +180,12 @@ class Client:
         except ClientError as exc:
             # The server or transport ended the request, except on a timeout,
             # which leaves it running on the server: that one is stopped too.
-            request_over = not isinstance(exc, RequestTimeoutError)
+            timed_out = isinstance(exc, RequestTimeoutError)
+            request_over = not timed_out
             raise
         finally:
-            self._end_stream(triton, request, completed=assembler.done, stop=not request_over)
+            self._end_stream(triton, request, responses, assembler, stop=not request_over,
+                             drain=not timed_out)
 
     def _next(self, responses: queue.SimpleQueue[_Response], deadline: float | None) -> _Response:
         wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) + _DEADLINE_GRACE_S
@@ -193,7 +196,16 @@ class Client:
                                       "DEADLINE_EXCEEDED") from None
 
     def _end_stream(self, triton: grpcclient.InferenceServerClient, request: PreparedRequest,
-                    *, completed: bool, stop: bool) -> None:
+                    responses: queue.SimpleQueue[_Response], assembler: ChunkAssembler, *, stop: bool,
+                    drain: bool) -> None:
+        completed = assembler.done
+        if not completed and stop and drain and self.stop_model:
+            # Stop the request on the server, then let its stream end normally: cancelling a
+            # streaming RPC while responses are in flight can crash Triton 2.51's gRPC frontend
+            # (triton-inference-server/server#7840, #8034). Cancelling is the fallback.
+            completed = (send_stop(self.url, request.request_id, model=self.stop_model, timeout=self.stop_timeout)
+                         and _drain(responses, assembler, self.stop_timeout))
+            stop = False
         try:
             if completed:
                 triton.stop_stream()  # half-close: the server already sent the final response
@@ -206,3 +218,17 @@ class Client:
             self._pool.release(triton)
         if stop and self.stop_model:
             send_stop(self.url, request.request_id, model=self.stop_model, timeout=self.stop_timeout)
+
+
+def _drain(responses: queue.SimpleQueue[_Response], assembler: ChunkAssembler, timeout: float) -> bool:
+    """Read a stopped request's last responses until its final one; False on an error or timeout."""
+    deadline = time.monotonic() + timeout
+    while not assembler.done:
+        try:
+            result, error = responses.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            return False
+        if error is not None or result is None:
+            return False
+        assembler.feed(result)
+    return True
