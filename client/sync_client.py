@@ -150,7 +150,7 @@ class Client:
         assembler = ChunkAssembler(request.max_tokens)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         request_over = False  # the server ended the request (final or error): nothing to stop
-        timed_out = False  # its stream is past its gRPC deadline: nothing more will come on it
+        left = False  # the caller closed the generator (break, .close()): stopped, then drained
         try:
             try:
                 triton.start_stream(callback=lambda result, error: responses.put((result, error)),
@@ -177,15 +177,17 @@ class Client:
                     yield chunk
                 if assembler.done:
                     return
+        except GeneratorExit:
+            left = True
+            raise
         except ClientError as exc:
             # The server or transport ended the request, except on a timeout,
             # which leaves it running on the server: that one is stopped too.
-            timed_out = isinstance(exc, RequestTimeoutError)
-            request_over = not timed_out
+            request_over = not isinstance(exc, RequestTimeoutError)
             raise
         finally:
-            self._end_stream(triton, request, responses, assembler, stop=not request_over,
-                             drain=not timed_out)
+            # Anything else thrown in (a timeout, Ctrl-C, a killed greenlet) cancels at once.
+            self._end_stream(triton, request, responses, assembler, stop=not request_over, drain=left)
 
     def _next(self, responses: queue.SimpleQueue[_Response], deadline: float | None) -> _Response:
         wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) + _DEADLINE_GRACE_S

@@ -144,7 +144,8 @@ class StreamingUser(User):
 
         The stream is always closed here: on stop, error, or locust stopping the
         user mid-stream (GreenletExit, recorded as nothing), closing the client's
-        generator cancels the request on the server.
+        generator ends the request on the server (a stop press: the explicit stop, then the
+        stream ends normally; a killed user: the RPC is cancelled too).
         """
         fire = self.environment.events.request.fire
         timer = StreamTimer(time.perf_counter())
@@ -161,7 +162,7 @@ class StreamingUser(User):
                         raise StreamCancelled("the server cancelled the stream (finish_reason 'cancelled')")
                     if stop_after is not None and chunk.finish_reason is None and timer.tokens >= stop_after:
                         stopped = True
-                        break  # closing the generator is the stop button: cancel + stop request
+                        break  # closing the generator is the stop button: the client stops the request
         except Exception as exc:  # typed client errors, timeouts, unexpected cancels: a failed stream
             fire(request_type=REQUEST_TYPE, name=STREAM, response_time=timer.elapsed_ms(time.perf_counter()),
                  response_length=timer.tokens, exception=exc, context={})

@@ -58,12 +58,8 @@ def triton_server(default_model_dir, tmp_path_factory):
     from llmserve.launcher import TritonServer, model_env
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
-    server = TritonServer(env=model_env(str(default_model_dir)), log_path=log)
-    server.start()
-    try:
+    with TritonServer(env=model_env(str(default_model_dir)), log_path=log) as server:
         yield server
-    finally:
-        server.stop()
 
 
 _CORPUS = [

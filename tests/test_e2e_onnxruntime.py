@@ -22,12 +22,8 @@ def torch_server(default_model_dir, tmp_path_factory):
     from llmserve.launcher import TritonServer, model_env
 
     env = model_env(str(default_model_dir), "torch")
-    server = TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton-torch") / "server.log")
-    server.start()
-    try:
+    with TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton-torch") / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _group_maps(pgid: int) -> str:

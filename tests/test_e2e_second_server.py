@@ -39,12 +39,8 @@ def second_server(triton_server, gpt2_model_dir, tmp_path_factory):
 
     # The torch runtime end to end (the first server runs the default, onnxruntime).
     env = model_env(str(gpt2_model_dir), "torch", max_num_seqs=1, max_queued_requests=1)
-    server = TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton2") / "server.log")
-    server.start()
-    try:
+    with TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton2") / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_two_servers_side_by_side_with_different_models(triton_server, second_server):

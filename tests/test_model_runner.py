@@ -18,6 +18,7 @@ import transformers  # noqa: E402
 
 from llmserve.model_runner import TorchModelRunner  # noqa: E402
 from llmserve.models import load_model  # noqa: E402
+from tests.runner_contract import bad_forward_calls  # noqa: E402
 
 ATOL = RTOL = 1e-4
 VOCAB = 300
@@ -193,15 +194,7 @@ def test_max_model_len_and_overlong_errors(arch):
 def test_invalid_arguments_raise(llama):
     _, model_dir, _ = llama
     runner = TorchModelRunner(model_dir, num_slots=2)
-    bad_calls = {
-        "out of range": ([2], [[1]], [0]),
-        "differ in length": ([0, 1], [[1]], [0, 0]),
-        "twice": ([0, 0], [[1], [2]], [0, 0]),
-        "no new tokens": ([0], [[]], [0]),
-        "negative": ([0], [[1]], [-1]),
-        "token ids": ([0], [[VOCAB]], [0]),
-        "empty batch": ([], [], []),
-    }
+    bad_calls = bad_forward_calls(VOCAB)
     for message, args in bad_calls.items():
         with pytest.raises(ValueError, match=message):
             runner.forward(*args)

@@ -18,6 +18,7 @@ from llmserve.engine import LLMEngine
 from llmserve.model_runner import TorchModelRunner
 from llmserve.runners import create_runner
 from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
+from tests.runner_contract import bad_forward_calls
 
 VOCAB = 2048
 
@@ -83,16 +84,7 @@ def test_same_metadata_and_errors_as_torch(runners):
     for name in ("vocab_size", "max_model_len", "num_slots", "eos_token_ids", "device", "dtype"):
         assert getattr(onnx_runner, name) == getattr(torch_runner, name), name
     assert onnx_runner.kv_cache_bytes == 2 * 4 * 2 * 2 * 16 * 48 * 4  # K and V, 4 layers, 2 slots, 2 heads, fp32
-    bad_calls = {
-        "out of range": ([2], [[1]], [0]),
-        "differ in length": ([0, 1], [[1]], [0, 0]),
-        "twice": ([0, 0], [[1], [2]], [0, 0]),
-        "no new tokens": ([0], [[]], [0]),
-        "negative": ([0], [[1]], [-1]),
-        "token ids": ([0], [[VOCAB]], [0]),
-        "empty batch": ([], [], []),
-        "max_model_len": ([0], [[1] * 17], [0]),
-    }
+    bad_calls = bad_forward_calls(VOCAB, max_model_len=16)
     for message, args in bad_calls.items():
         for runner in (torch_runner, onnx_runner):
             with pytest.raises(ValueError, match=message):

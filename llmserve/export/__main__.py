@@ -19,13 +19,7 @@ def build_onnxruntime(args: argparse.Namespace) -> Path:
 
 
 def build_tensorrt(args: argparse.Namespace) -> Path:
-    try:
-        from llmserve.export import tensorrt_build
-    except ImportError as exc:
-        if exc.name != "llmserve.export.tensorrt_build":
-            raise
-        raise SystemExit("error: TensorRT engines are not part of this checkout "
-                         "(llmserve/export/tensorrt_build.py is missing)") from None
+    from llmserve.export import tensorrt_build
     kwargs = {"precision": args.precision} if args.precision else {}
     return tensorrt_build.build_for_model(args.model_dir, args.out, force=args.force, **kwargs)
 

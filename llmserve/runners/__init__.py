@@ -37,12 +37,7 @@ def create_runner(config: EngineConfig, *, num_threads: int | None = None):
         return OnnxRuntimeRunner(config.model_dir, engine_dir=engine_dir_of(config), num_threads=num_threads,
                                  **common)
     if config.runtime == "tensorrt":
-        try:
-            from llmserve.runners.tensorrt_runner import TensorRTRunner
-        except ImportError as exc:
-            if exc.name != "llmserve.runners.tensorrt_runner":
-                raise
-            raise ValueError("runtime tensorrt is not part of this checkout "
-                             "(llmserve/runners/tensorrt_runner.py is missing)") from None
+        from llmserve.runners.tensorrt_runner import TensorRTRunner
+
         return TensorRTRunner(config.model_dir, engine_dir=engine_dir_of(config), **common)
     raise ValueError(f"no runner for runtime {config.runtime!r}")

@@ -1,0 +1,19 @@
+"""The forward() calls every runner must refuse, with the words its ValueError must contain."""
+
+from __future__ import annotations
+
+
+def bad_forward_calls(vocab_size: int, max_model_len: int | None = None) -> dict[str, tuple[list, list, list]]:
+    """message -> (slots, token_ids, start_positions), for runners with 2 slots."""
+    calls = {
+        "out of range": ([2], [[1]], [0]),
+        "differ in length": ([0, 1], [[1]], [0, 0]),
+        "twice": ([0, 0], [[1], [2]], [0, 0]),
+        "no new tokens": ([0], [[]], [0]),
+        "negative": ([0], [[1]], [-1]),
+        "token ids": ([0], [[vocab_size]], [0]),
+        "empty batch": ([], [], []),
+    }
+    if max_model_len is not None:
+        calls["max_model_len"] = ([0], [[1] * (max_model_len + 1)], [0])
+    return calls
