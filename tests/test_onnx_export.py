@@ -1,6 +1,6 @@
 """Parity of the exported decoder graph under ONNX Runtime with our PyTorch model.
 
-The graph (notes/onnx-interface.md) is driven directly through its I/O: a ragged left-padded
+The graph (llmserve/export/graph.py) is driven directly through its I/O: a ragged left-padded
 prefill from no past, decode steps fed their own `present` back as `past`, and a chunked prefill
 (several new tokens on top of a past). Reference: TorchModelRunner on the same weights.
 Tolerance: |onnx - torch| <= 1e-4 + 1e-4*|torch| on float32 logits.

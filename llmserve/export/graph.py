@@ -1,9 +1,22 @@
-"""The decoder as the ONNX graph of notes/onnx-interface.md: our model definitions with a
-past/present attention layout instead of the runner's slot cache.
+"""The decoder as an ONNX graph: our model definitions with a past/present attention layout
+instead of the runner's slot cache. This is the interface of every exported engine (ONNX
+Runtime, and TensorRT built from it):
+
+- inputs: `input_ids` int64 [batch, seq]; `position_ids` int64 [batch, seq]; `attention_mask`
+  int64 [batch, past_seq + seq] (1 = a real key, past or new; 0 = padding); and
+  `past_key_values.{i}.key` / `.value` float32 [batch, num_kv_heads, past_seq, head_dim].
+- outputs: `logits` float32 [batch, vocab] of the LAST position only (ragged batches are left
+  padded, so position seq-1 is every row's last real token); `present.{i}.key` / `.value`
+  [batch, num_kv_heads, past_seq + seq, head_dim] = concat(past, new).
+- mask: query t (column past_seq + t) attends key j iff (attention_mask[b, j] and j <= past_seq + t)
+  or j == past_seq + t; the "or itself" keeps padding queries from seeing no key at all (NaN in
+  their K/V would poison later steps: NaN times a zero weight is NaN).
+- past_seq may be 0 for ONNX Runtime; the TensorRT runner always passes at least one (masked)
+  column. Dynamic axes: batch, seq, past_seq.
 
 Same modules, same fused weights as `TorchModelRunner`; only `Attention.attend` differs: each
-layer concatenates its past K/V with the new tokens' K/V (that is its `present` output) and
-attends over it under the mask rule of the interface.
+layer concatenates its past K/V with the new tokens' K/V (its `present` output) and attends
+over it under that mask rule.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ENGINES_ROOT = REPO_ROOT / "build" / "engines"
 MANIFEST = "engine.json"
-# The folder under the engines root each runtime's engine is built into (notes: onnx-interface.md).
+# The folder under the engines root each runtime's engine is built into (llmserve/export/graph.py).
 RUNTIME_FOLDERS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 _SAMPLE = 1 << 20  # bytes hashed at each end of a large weight file
 _FULL_HASH_LIMIT = 64 << 20

@@ -1,5 +1,5 @@
 """Export one of our model definitions (llmserve/models) to the decoder ONNX graph of
-notes/onnx-interface.md, for ONNX Runtime (and as the TensorRT builder's input).
+llmserve/export/graph.py, for ONNX Runtime (and as the TensorRT builder's input).
 
 The graph is traced from the same modules and fused weights the torch runner uses
 (`llmserve.export.graph.DecoderGraph`) with the dynamo exporter (`torch.export` + onnxscript).

@@ -82,7 +82,7 @@ class BuildSettings:
 
 def profile_shapes(settings: BuildSettings, num_layers: int, num_kv_heads: int,
                    head_dim: int) -> dict[str, dict[str, list[list[int]]]]:
-    """{profile name: {input name: [min, opt, max] shapes}} for the graph of notes/onnx-interface."""
+    """{profile name: {input name: [min, opt, max] shapes}} for the graph of llmserve/export/graph.py."""
     L = settings.max_model_len
     decode_batch = settings.max_batch_size
     prefill_batch = min(settings.max_prefill_batch, settings.max_batch_size)
@@ -112,7 +112,7 @@ def _network_layout(network) -> tuple[int, int, int]:
             if network.get_input(i).name.startswith("past_key_values.")]
     if not past:
         raise TensorRTBuildError("the ONNX has no past_key_values.* inputs: not the decoder graph of "
-                                 "notes/onnx-interface.md")
+                                 "llmserve/export/graph.py")
     _, heads, _, head_dim = past[0].shape
     if heads <= 0 or head_dim <= 0:
         raise TensorRTBuildError(f"past_key_values inputs need static kv-head and head_dim axes, got {past[0].shape}")
@@ -262,7 +262,7 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
     profiles = profile_shapes(settings, num_layers, num_kv_heads, head_dim)
     graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     if graph_inputs != set(profiles["decode"]):
-        raise TensorRTBuildError(f"the ONNX inputs {sorted(graph_inputs)} are not those of notes/onnx-interface.md "
+        raise TensorRTBuildError(f"the ONNX inputs {sorted(graph_inputs)} are not those of llmserve/export/graph.py "
                                  f"({sorted(profiles['decode'])})")
     for shapes in profiles.values():
         profile = builder.create_optimization_profile()

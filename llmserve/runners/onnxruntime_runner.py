@@ -1,5 +1,5 @@
 """OnnxRuntimeRunner: the TorchModelRunner interface over the exported decoder graph
-(notes/onnx-interface.md) on ONNX Runtime's CPU provider.
+(llmserve/export/graph.py) on ONNX Runtime's CPU provider.
 
 K/V handling (`PastPresentRunner`, shared with the TensorRT runner): a live decode batch whose
 present buffers are bound as the next call's past, and a per-slot store, written lazily, for

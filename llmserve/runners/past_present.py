@@ -1,4 +1,4 @@
-"""The forward step shared by the runners of the decoder graph (notes/onnx-interface.md): ONNX
+"""The forward step shared by the runners of the decoder graph (llmserve/export/graph.py): ONNX
 Runtime's and TensorRT's. A subclass sets up the store, arenas and sizes, and runs the graph
 (`_run`); this class decides what the graph gets as past and where present goes:
 

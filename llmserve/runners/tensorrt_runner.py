@@ -1,5 +1,5 @@
 """TensorRTRunner: the TorchModelRunner interface over a TensorRT plan of the decoder graph
-(notes/onnx-interface.md), built by `make engine RUNTIME=tensorrt` (llmserve.export.tensorrt_build).
+(llmserve/export/graph.py), built by `make engine RUNTIME=tensorrt` (llmserve.export.tensorrt_build).
 
 Same K/V handling as the ONNX Runtime runner (`PastPresentRunner`: a live decode batch whose
 present becomes the next past, a per-slot store for everything else), with every buffer a torch
