@@ -395,8 +395,10 @@ def test_cli_error_exits_1_with_the_servers_message(triton_server):
 
 
 def test_cli_ctrl_c_exits_130_and_cancels_on_the_server(triton_server):
-    # 900 tokens take over a second: still generating at the Ctrl-C.
-    with cancelled_on_server(triton_server):
+    # 900 tokens take ~0.4 s on onnxruntime: a test process stalled that long by a busy machine
+    # sends its Ctrl-C after the end, so such an attempt (exit 0, finish=length) is run again.
+    for _attempt in range(3):
+        before = before_cancelling(triton_server)
         proc = _cli(PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "900", "--min-tokens", "900")
         try:
             assert proc.stdout.read(3)  # the first chunk arrived
@@ -405,5 +407,11 @@ def test_cli_ctrl_c_exits_130_and_cancels_on_the_server(triton_server):
         finally:
             if proc.poll() is None:
                 proc.kill()
+        if proc.returncode == 0 and "finish=length" in err:
+            continue
         assert proc.returncode == 130, err
         assert "cancelled" in err
+        assert_cut_short(triton_server, before)
+        break
+    else:
+        pytest.fail("the CLI finished its 900 tokens before the Ctrl-C, three times")
