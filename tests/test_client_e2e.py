@@ -401,14 +401,18 @@ def test_cli_ctrl_c_exits_130_and_cancels_on_the_server(triton_server):
         before = before_cancelling(triton_server)
         proc = _cli(PROMPT, "--url", triton_server.grpc_url, "--max-tokens", "900", "--min-tokens", "900")
         try:
-            assert proc.stdout.read(3)  # the first chunk arrived
+            # Ctrl-C once the server generates for it (its gauge, flushed every 50 ms) and the first
+            # tokens (TTFT ~10 ms) are out.
+            assert wait_until(lambda: active(triton_server) == 1 or proc.poll() is not None, 10.0)
+            time.sleep(0.05)
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
         if proc.returncode == 0 and "finish=length" in err:
             continue
+        assert out.strip(), "nothing was streamed before the Ctrl-C"
         assert proc.returncode == 130, err
         assert "cancelled" in err
         assert_cut_short(triton_server, before)
