@@ -368,8 +368,11 @@ def test_concurrent_streams_from_asyncio_tasks(triton_server, sequential_texts):
 
 def _cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    # As from a terminal: Ctrl-C works even when this test run ignores SIGINT (as background jobs
+    # of a non-interactive shell do), which the CLI would inherit.
     return subprocess.Popen([sys.executable, "-m", "client", *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_cli_streams_and_reports_stats(triton_server):
