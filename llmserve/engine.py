@@ -209,7 +209,7 @@ class LLMEngine:
         self._send_interval = len(self.scheduler.running) / limit if limit else 0.0
         self._now = time.monotonic()
         outputs: list[RequestOutput] = []
-        grouping = packed_prefill_groups if getattr(self.runner, "packs_prefill", False) else prefill_groups
+        grouping = packed_prefill_groups if self.runner.packs_prefill else prefill_groups
         groups = [(g, self._prefill_threads if sum(len(s.pending_ids) for s in g) >= PARALLEL_PREFILL_MIN_TOKENS
                    else self._decode_threads) for g in grouping(batch.prefill)]
         if batch.decode:

@@ -213,6 +213,13 @@ class ServerProcess:
         self.stop()
 
 
+def ensure_server_engine(env: dict[str, str]) -> None:
+    """`ensure_engine` for a server started with `env` (its LLM_* settings); an engine folder of
+    one's own (LLM_ENGINE_DIR) is one's own to build."""
+    if not env.get("LLM_ENGINE_DIR"):
+        ensure_engine(env.get("LLM_MODEL_DIR"), env.get("LLM_RUNTIME"))
+
+
 def ensure_engine(model_dir: str | os.PathLike | None = None, runtime: str | None = None) -> None:
     """Build the ONNX Runtime engine of `model_dir` (default: the built model) in build/engines when
     `runtime` (default: the server's) is onnxruntime and the engine is missing or was built from
@@ -228,7 +235,7 @@ def ensure_engine(model_dir: str | os.PathLike | None = None, runtime: str | Non
 
 class TritonServer(ServerProcess):
     """tritonserver on free ports, serving the model repository (its ONNX Runtime engine built first
-    when missing: `ensure_engine`)."""
+    when missing: `ensure_server_engine`)."""
 
     name = "tritonserver"
 
@@ -243,8 +250,7 @@ class TritonServer(ServerProcess):
                               self.metrics_port)
 
     def start(self, timeout: float = 240.0):
-        if not self._env.get("LLM_ENGINE_DIR"):  # an engine folder of one's own is one's own to build
-            ensure_engine(self._env.get("LLM_MODEL_DIR"), self._env.get("LLM_RUNTIME"))
+        ensure_server_engine(self._env)
         return super().start(timeout)
 
     @property
@@ -281,8 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     # TensorRT runs on the GPU only: `make serve RUNTIME=tensorrt` needs no LLM_DEVICE=cuda beside it.
     extra = {"device": "cuda"} if args.runtime == "tensorrt" and "LLM_DEVICE" not in os.environ else {}
     env = server_env(model_env(args.model_dir, args.runtime, **extra))
-    if not env.get("LLM_ENGINE_DIR"):
-        ensure_engine(env.get("LLM_MODEL_DIR"), env.get("LLM_RUNTIME"))
+    ensure_server_engine(env)
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -52,6 +52,8 @@ class TorchModelRunner:
     kv_cache_bytes, device, dtype.
     """
 
+    packs_prefill = True  # ragged prompts from empty caches go in one unpadded pass (the engine groups by it)
+
     def __init__(self, model_dir: str | os.PathLike, *, num_slots: int, max_model_len: int | None = None,
                  device: str = "cpu", dtype: str = "float32") -> None:
         if num_slots <= 0:
@@ -71,7 +73,6 @@ class TorchModelRunner:
         )
         self.kv_cache_bytes: int = self.kv_cache.nbytes
         self._q_per_kv = self.model.num_heads // self.model.num_kv_heads
-        self.packs_prefill = True  # ragged prompts from empty caches go in one unpadded pass
 
     @torch.inference_mode()
     def forward(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],

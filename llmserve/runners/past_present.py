@@ -45,6 +45,7 @@ class PastPresentRunner:
     # Columns of past every call gets at least (masked zero columns when the rows have less):
     # TensorRT's profiles take no zero-size dimension.
     min_past = 0
+    packs_prefill = False  # prompts are left padded: the engine groups them by length
     device: torch.device
     # The largest prefill call one run of the graph takes (TensorRT's prefill profile); larger
     # calls run in parts: row sub-batches, then token chunks (chunked prefill). None = no limit.
