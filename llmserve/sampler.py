@@ -51,12 +51,17 @@ def banned_tokens(seq: Sequence) -> list[int]:
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         vocab = logits.shape[-1]
+        banned_rows: list[int] = []
+        banned_cols: list[int] = []
         for i, seq in enumerate(seqs):
             if seq.params.has_penalties:
                 apply_penalties(logits[i], seq)
-            banned = banned_tokens(seq)
-            if banned:
-                logits[i, [t for t in banned if t < vocab]] = float("-inf")
+            for token in banned_tokens(seq):
+                if token < vocab:
+                    banned_rows.append(i)
+                    banned_cols.append(token)
+        if banned_rows:  # one indexed write for the batch (EOS is banned in every row before min_tokens)
+            logits[banned_rows, banned_cols] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if sampled:

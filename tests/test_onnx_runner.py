@@ -1,8 +1,8 @@
 """OnnxRuntimeRunner: TorchModelRunner's interface and results, and the engine on either runtime.
 
 Runner checks compare logits with the torch runner (atol/rtol 1e-4, float32) through the paths
-the live decode batch takes: continued decode, joins, leaves, reordering, a reused slot, a
-prefill beside a live batch, chunked prefill. Engine checks compare greedy token ids exactly.
+the live decode batch takes: continued decode, joins and leaves in place (holes), reordering, a
+reused slot, a prefill beside a live batch, chunked prefill, and each reason to repack. Engine checks compare greedy token ids exactly.
 """
 
 from __future__ import annotations
@@ -60,23 +60,52 @@ def test_live_batch_paths_match_torch(runners):
     pair = Pair(*runners())
     pair.forward([0, 1, 2], [[5, 6, 7, 8, 9], [20, 21], [30, 31, 32, 33]], [0, 0, 0])
     pair.decode([0, 1, 2], steps=5)  # packed once, then continued from the live present buffers
-    assert pair.onnx._live is not None and pair.onnx._live.slots == [0, 1, 2]
-    assert pair.onnx.calls == {"packed": 2, "continued": 4}
     live = pair.onnx._live
+    assert live is not None and live.rows == [0, 1, 2]
+    assert pair.onnx.calls == {"packed": 2, "continued": 4}
     pair.forward([4], [[40, 41, 42]], [0])  # a prefill beside the live batch leaves it alone
-    assert pair.onnx._live is live
-    pair.decode([0, 1, 2, 4], steps=3)  # join
-    pair.decode([0, 4], steps=3)  # leaves
+    assert pair.onnx._live is live and live.rows == [0, 1, 2]
+    pair.decode([0, 1, 2, 4], steps=3)  # a join: a new row
+    assert live.rows == [0, 1, 2, 4] and pair.onnx.calls["joined"] == 1
+    pair.decode([0, 4], steps=3)  # leaves: holes
+    assert live.rows == [0, None, None, 4] and pair.onnx.calls["left"] == 2
     pair.decode([4, 0], steps=2)  # reorder
     pair.forward([0], [[9, 8, 7, 6]], [0])  # slot 0 reused by a new sequence while live
-    pair.decode([4, 0], steps=3)
-    pair.forward([3], [[1]], [0])  # a one-token prompt (a decode-shaped call)
+    assert live.rows == [None, None, None, 4]
+    pair.decode([4, 0], steps=3)  # the new sequence joins into a hole
+    assert live.rows == [0, None, None, 4]
+    pair.forward([3], [[1]], [0])  # a one-token prompt: a prefill, though decode-shaped
     pair.decode([0, 3, 4], steps=2)
+    assert live.rows == [0, 3, None, 4]
     # Chunked prefill of slot 5 alongside decodes of the live batch.
     pair.forward([5], [[11, 12, 13, 14, 15, 16]], [0])
-    pair.forward([5, 0], [[17, 18, 19], [3]])
+    pair.forward([5, 0], [[17, 18, 19], [3]])  # slot 0's K/V goes to the store, its row is left
     pair.decode([0, 3, 4, 5], steps=4)
+    assert pair.onnx._live is live and pair.onnx.calls["repacked"] == 0
     assert pair.onnx.calls["packed"] + pair.onnx.calls["continued"] == pair.calls
+
+
+def test_live_batch_repacks_when_in_place_would_waste(runners):
+    pair = Pair(*runners(num_slots=16))
+    pair.forward(list(range(12)), [[5 + i] * (2 + i) for i in range(12)], [0] * 12)
+    pair.decode(list(range(12)), steps=2)
+    first = pair.onnx._live
+    six = [0, 1, 2, 3, 4, 5]
+    pair.decode(six + [11])  # 5 leave: 5 holes for 7 sequences (4 + 7 // 4 allowed) stay in place
+    assert pair.onnx._live is first and pair.onnx.calls["repacked"] == 0
+    pair.decode(six)  # 6 holes for 6 sequences: repacked
+    second = pair.onnx._live
+    assert second is not first and second.rows == six and pair.onnx.calls["repacked"] == 1
+    pair.forward([12], [[9] * 40], [0])
+    assert second.width == 11
+    pair.decode(six + [12])  # the 40-token prompt does not fit left of the batch's 11 columns
+    third = pair.onnx._live
+    assert third is not second and pair.onnx.calls["repacked"] == 2
+    pair.decode(six + [12], steps=2)
+    pair.decode(six)  # it leaves 43 columns for sequences of at most 14 tokens: repacked to their width
+    assert pair.onnx._live is not third and pair.onnx.calls["repacked"] == 3
+    assert pair.onnx._live.width == max(pair.cached[s] for s in six)
+    pair.decode(six, steps=2)
 
 
 def test_same_metadata_and_errors_as_torch(runners):
@@ -144,7 +173,8 @@ def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_engine_
         assert type(engine.runner).__name__ == {"torch": "TorchModelRunner",
                                                  "onnxruntime": "OnnxRuntimeRunner"}[runtime]
         results[runtime] = _run_in_flight(engine, schedule)
-        if runtime == "onnxruntime":  # the batch changed several times, and stayed the same between
-            assert engine.runner.calls["retired"] >= 4 and engine.runner.calls["continued"] >= 10
+        if runtime == "onnxruntime":  # sequences joined and left the live batch in place
+            assert engine.runner.calls["joined"] >= 3 and engine.runner.calls["left"] >= 3
+            assert engine.runner.calls["continued"] >= 10
     assert results["onnxruntime"] == results["torch"]
     assert sorted(map(len, results["torch"].values())) == [8, 10, 12, 15, 20, 24, 30]

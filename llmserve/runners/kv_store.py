@@ -16,17 +16,21 @@ import torch
 
 
 def _runs(slots: Sequence[int], first_positions: Sequence[int], counts: Sequence[int],
-          first_columns: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flattened (row, slot, position, column) of every element of each row's run of `counts[b]`
-    positions starting at `first_positions[b]` / column `first_columns[b]`."""
+          first_columns: Sequence[int], batch_rows: Sequence[int] | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened (row, slot, position, column) of every element of each entry's run of `counts[b]`
+    positions starting at `first_positions[b]` / column `first_columns[b]`, in batch row
+    `batch_rows[b]` (default b)."""
     counts_t = torch.tensor(counts)
     total = int(counts_t.sum())
-    rows = torch.repeat_interleave(torch.arange(len(counts)), counts_t, output_size=total)
+    batch_rows_t = torch.arange(len(counts)) if batch_rows is None else torch.tensor(batch_rows)
+    entries = torch.repeat_interleave(torch.arange(len(counts)), counts_t, output_size=total)
+    rows = batch_rows_t[entries]
     offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t,
                                                            output_size=total)
-    slots_t = torch.tensor(slots)[rows]
-    positions = torch.tensor(first_positions)[rows] + offsets
-    columns = torch.tensor(first_columns)[rows] + offsets
+    slots_t = torch.tensor(slots)[entries]
+    positions = torch.tensor(first_positions)[entries] + offsets
+    columns = torch.tensor(first_columns)[entries] + offsets
     return rows, slots_t, positions, columns
 
 
@@ -42,29 +46,31 @@ class SlotStore:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
-    def gather(self, out: Sequence[torch.Tensor], slots: Sequence[int], lengths: Sequence[int]) -> None:
-        """Pack positions [0, lengths[b]) of slots[b] right-aligned into out[i] [B, Hkv, P, D]
-        (P >= max(lengths)). The padding columns are zeroed: they are masked out, but attention
-        still multiplies them by a 0 weight, and the arenas are not initialised (0 * NaN is NaN)."""
+    def gather(self, out: Sequence[torch.Tensor], slots: Sequence[int], lengths: Sequence[int],
+               rows: Sequence[int] | None = None) -> None:
+        """Pack positions [0, lengths[b]) of slots[b] right-aligned into row rows[b] (default b) of
+        out[i] [B, Hkv, P, D] (P >= max(lengths)). The padding columns are zeroed: they are masked
+        out, but attention still multiplies them by a 0 weight, and the arenas are not initialised
+        (0 * NaN is NaN)."""
         width = out[0].shape[2]
         if width == 0:
             return
         pads = [width - n for n in lengths]
-        rows, slots_t, positions, columns = _runs(slots, [0] * len(slots), lengths, pads)
-        pad_rows, _, _, pad_columns = _runs(slots, [0] * len(slots), pads, [0] * len(slots))
+        data_rows, slots_t, positions, columns = _runs(slots, [0] * len(slots), lengths, pads, rows)
+        pad_rows, _, _, pad_columns = _runs(slots, [0] * len(slots), pads, [0] * len(slots), rows)
         for dst, src in zip(out, self.tensors):
-            dst[rows, :, columns] = src[slots_t, :, positions]
+            dst[data_rows, :, columns] = src[slots_t, :, positions]
             dst[pad_rows, :, pad_columns] = 0
 
     def scatter(self, src: Sequence[torch.Tensor], slots: Sequence[int], first_positions: Sequence[int],
-                counts: Sequence[int], first_columns: Sequence[int]) -> None:
-        """Store columns first_columns[b] .. +counts[b] of src[i]'s row b as positions
-        first_positions[b] .. of slots[b]."""
+                counts: Sequence[int], first_columns: Sequence[int], rows: Sequence[int] | None = None) -> None:
+        """Store columns first_columns[b] .. +counts[b] of src[i]'s row rows[b] (default b) as
+        positions first_positions[b] .. of slots[b]."""
         if not any(counts):
             return
-        rows, slots_t, positions, columns = _runs(slots, first_positions, counts, first_columns)
+        src_rows, slots_t, positions, columns = _runs(slots, first_positions, counts, first_columns, rows)
         for store, tensor in zip(self.tensors, src):
-            store[slots_t, :, positions] = tensor[rows, :, columns]
+            store[slots_t, :, positions] = tensor[src_rows, :, columns]
 
 
 class Arena:
@@ -77,13 +83,17 @@ class Arena:
         self._device = device
         self._buffers = [torch.empty(0, device=device) for _ in range(num_tensors)]
 
-    def views(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    def views(self, shape: tuple[int, ...], keep: bool = False) -> list[torch.Tensor]:
+        """Tensors of `shape` over the buffers' start; `keep`: what the buffers hold survives a growth."""
         need = 1
         for n in shape:
             need *= n
         if need > self._buffers[0].numel():
             grown = max(need, self._buffers[0].numel() * 3 // 2)
-            self._buffers = [torch.empty(grown, device=self._device) for _ in self._buffers]
+            old, self._buffers = self._buffers, [torch.empty(grown, device=self._device) for _ in self._buffers]
+            if keep:
+                for new, held in zip(self._buffers, old):
+                    new[:held.numel()] = held
         return [b[:need].view(shape) for b in self._buffers]
 
     @property

@@ -2,14 +2,17 @@
 Runtime's and TensorRT's. A subclass sets up the store, arenas and sizes, and runs the graph
 (`_run`); this class decides what the graph gets as past and where present goes:
 
-- The decode batch stays live between steps: when a decode call continues exactly the previous
-  decode call (same slots, each one token further), the previous call's present buffers are bound
-  as this call's past; nothing is copied outside the graph.
-- Otherwise the call's past is packed, left padded, from the per-slot store. A decode call then
-  becomes the live batch; a prefill call (several tokens) writes its new K/V to the store and
-  leaves the live batch alone: the engine prefills new sequences before each decode pass.
-- The live batch's K/V reaches the store lazily: only when a call changes the batch or touches
-  one of its slots (`_retire_live`).
+- The decode batch stays live between steps: each decode call binds the previous call's present
+  buffers as its past; nothing is copied outside the graph.
+- Sequences join and leave the live batch in place (in-flight batching): a leaving sequence's
+  row becomes a hole, run masked, and a joining sequence takes a hole (or a new row), its K/V
+  copied from the store right-aligned into the batch's current width. Only when the batch has
+  too many holes, or too many padding columns, or a joining prompt is wider than the batch, is
+  it repacked from the store.
+- Other calls (prefill) are packed, left padded, from the per-slot store and write their new
+  K/V back to it; they leave the live batch alone, except for the rows of the slots they touch.
+- The live batch's K/V reaches the store lazily: only for a row that leaves, a slot another call
+  touches, or a repack (`_store_rows`).
 """
 
 from __future__ import annotations
@@ -24,17 +27,36 @@ import torch
 from llmserve.model_runner import validate_batch, validate_token_ids
 from llmserve.runners.kv_store import Arena, SlotStore
 
+# When a decode batch is repacked instead of changed in place: more holes than this (beyond a
+# quarter of its sequences), or more all-padding columns than this (beyond a quarter of the longest
+# sequence). Holes cost a row of compute each and padding columns a share of attention and of the
+# graph's past->present copy; a repack copies every row's K/V out to the store and back.
+LIVE_SLACK_ROWS = 4
+LIVE_SLACK_COLUMNS = 16
+
 
 @dataclass(slots=True)
 class LiveDecode:
-    """The decode batch whose K/V lives in an arena between steps."""
+    """The decode batch whose K/V lives in an arena between steps. A hole (slot None) is the row of
+    a sequence that left: it runs on, masked (token 0 attending to its own columns only), until a
+    joining sequence takes it."""
 
-    slots: list[int]
-    lengths: list[int]  # tokens each row holds: the next call's start positions
+    rows: list[int | None]  # each row's slot; None = a hole
+    lengths: list[int]  # tokens each row holds: the next call's start positions (holes count their own)
     pads: np.ndarray  # [B] int64: position p of row b sits at column p + pads[b]
     stored: list[int]  # positions [0, stored[b]) of row b are also in the store
     width: int  # columns of the present tensors
     arena: int  # index of the arena holding them
+
+
+@dataclass(slots=True, frozen=True)
+class _LivePlan:
+    """How a decode call maps onto the live batch."""
+
+    rows: list[int]  # the row of each requested slot, in call order (joins included)
+    leaving: list[int]  # rows whose sequence is not in the call: they become holes
+    joining: list[tuple[int, int]]  # (index in the call, row) of sequences not in the batch yet
+    num_rows: int
 
 
 class PastPresentRunner:
@@ -58,7 +80,9 @@ class PastPresentRunner:
     _arenas: list[Arena]  # 0 and 1: the live decode batch's past/present, alternating; 2 and 3: other calls
     _kv_shape: tuple[int, int]
     _live: LiveDecode | None
-    calls: Counter[str]  # "continued", "packed", "retired": how the calls went (tests, profiling)
+    # How the calls went (tests, profiling): "continued" (live steps), "joined" and "left" (sequences
+    # that joined or left the live batch in place), "repacked" (live batches rebuilt), "packed".
+    calls: Counter[str]
 
     @torch.inference_mode()
     def forward(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
@@ -73,14 +97,22 @@ class PastPresentRunner:
         ids = torch.tensor([[*[0] * (T - len(t)), *t] for t in token_ids] if min(lens) != T else token_ids)
         validate_token_ids(ids, self.vocab_size)
         live = self._live
-        if T == 1 and live is not None and live.slots == slots and live.lengths == starts:
-            self.calls["continued"] += 1
-            return self._continue_live(live, ids)
-        if live is not None and (T == 1 or not set(live.slots).isdisjoint(slots)):
-            self.calls["retired"] += 1
-            self._retire_live()
+        decode = T == 1 and (live is None or any(starts))  # one-token prompts (all at 0) are a prefill
+        if decode and live is not None:
+            plan = self._plan_live(live, slots, starts)
+            if plan is not None:
+                self.calls["continued"] += 1
+                return self._step_live(live, plan, ids)
+            self.calls["repacked"] += 1
+            self._store_rows(live, [row for row, slot in enumerate(live.rows) if slot is not None])
+            self._live = None
+        elif live is not None:  # the rows of the slots this call touches leave the live batch
+            row_of = {slot: row for row, slot in enumerate(live.rows) if slot is not None}
+            touched = [(row_of[slot], start > 0) for slot, start in zip(slots, starts) if slot in row_of]
+            if touched:
+                self._vacate(live, [row for row, _ in touched], [keep for _, keep in touched])
         self.calls["packed"] += 1
-        return self._run_packed(slots, ids, starts, lens)
+        return self._run_packed(slots, ids, starts, lens, decode)
 
     def _forward_in_parts(self, slots: list[int], token_ids: Sequence[Sequence[int]], starts: list[int],
                           lens: list[int]) -> torch.Tensor:
@@ -96,21 +128,74 @@ class PastPresentRunner:
                 logits[torch.tensor(part, device=self.device)] = out  # a row's last chunk gives its logits
         return logits
 
-    def _continue_live(self, live: LiveDecode, ids: torch.Tensor) -> torch.Tensor:
-        B, W = len(live.slots), live.width
-        past = self._arenas[live.arena].views((B, *self._kv_head_shape(W)))
+    def _plan_live(self, live: LiveDecode, slots: list[int], starts: list[int]) -> _LivePlan | None:
+        """Map a decode call onto the live batch, or None when it should be repacked instead."""
+        width = live.width
+        if width + 1 > self.max_model_len:
+            return None
+        row_of = {slot: row for row, slot in enumerate(live.rows) if slot is not None}
+        rows: list[int] = []
+        joining: list[int] = []
+        for i, (slot, start) in enumerate(zip(slots, starts)):
+            row = row_of.pop(slot, None)
+            if row is None:
+                if start > width:  # its K/V would not fit left of the batch's new column
+                    return None
+                joining.append(i)
+            elif live.lengths[row] != start:
+                return None
+            rows.append(-1 if row is None else row)
+        leaving = sorted(row_of.values())
+        free = sorted([row for row, slot in enumerate(live.rows) if slot is None] + leaving)
+        num_rows = len(live.rows) + max(0, len(joining) - len(free))
+        active, longest = len(slots), max(starts)
+        if (num_rows - active > LIVE_SLACK_ROWS + active // 4 or num_rows > self.num_slots
+                or width - longest > LIVE_SLACK_COLUMNS + longest // 4):
+            return None
+        new_rows = iter(free + list(range(len(live.rows), num_rows)))
+        joins = []
+        for i in joining:
+            rows[i] = next(new_rows)
+            joins.append((rows[i], slots[i], starts[i]))
+        return _LivePlan(rows, leaving, joins, num_rows)
+
+    def _step_live(self, live: LiveDecode, plan: _LivePlan, ids: torch.Tensor) -> torch.Tensor:
+        W = live.width
+        if plan.leaving:
+            self._vacate(live, plan.leaving, [True] * len(plan.leaving))
+        B = plan.num_rows
+        if B > len(live.rows):  # new rows go after the others: the rows held keep their place
+            added = B - len(live.rows)
+            live.rows += [None] * added
+            live.lengths += [0] * added
+            live.stored += [0] * added
+            live.pads = np.concatenate([live.pads, np.full(added, W, dtype=np.int64)])
+        past = self._arenas[live.arena].views((B, *self._kv_head_shape(W)), keep=True)
+        if plan.joining:
+            self.calls["joined"] += len(plan.joining)
+            rows, slots, starts = map(list, zip(*plan.joining))
+            self.store.gather(past, slots, starts, rows=rows)
+            for row, slot, start in plan.joining:
+                live.rows[row], live.lengths[row], live.stored[row], live.pads[row] = slot, start, start, W - start
         present = self._arenas[1 - live.arena].views((B, *self._kv_head_shape(W + 1)))
+        in_order = plan.rows == list(range(B))
+        if not in_order:  # holes get token 0; rows in call order are picked out of the logits below
+            tokens = torch.zeros(B, 1, dtype=torch.int64)
+            tokens[plan.rows] = ids
+            ids = tokens
         mask = (np.arange(W + 1) >= live.pads[:, None]).astype(np.int64)
         positions = torch.tensor(live.lengths).unsqueeze(1)
         logits = self._run(ids, positions, torch.from_numpy(mask), past, present)
         live.lengths = [n + 1 for n in live.lengths]
         live.width, live.arena = W + 1, 1 - live.arena
-        return logits
+        return logits if in_order else logits[torch.tensor(plan.rows, device=logits.device)]
 
-    def _run_packed(self, slots: list[int], ids: torch.Tensor, starts: list[int], lens: list[int]) -> torch.Tensor:
+    def _run_packed(self, slots: list[int], ids: torch.Tensor, starts: list[int], lens: list[int],
+                    decode: bool) -> torch.Tensor:
+        """A call packed from the store; a decode call becomes the live batch, another call writes its
+        new K/V to the store."""
         B, T = ids.shape
         P = max(*starts, self.min_past)
-        decode = T == 1  # becomes the live batch
         first = 0 if decode else 2
         past = self._arenas[first].views((B, *self._kv_head_shape(P)))
         present = self._arenas[first + 1].views((B, *self._kv_head_shape(P + T)))
@@ -125,19 +210,30 @@ class PastPresentRunner:
         logits = self._run(ids, positions, mask, past, present)
         if decode:
             pads = np.array([P - s for s in starts], dtype=np.int64)
-            self._live = LiveDecode(slots, [s + 1 for s in starts], pads, list(starts), P + 1, first + 1)
+            self._live = LiveDecode(list(slots), [s + 1 for s in starts], pads, list(starts), P + 1, first + 1)
         else:
             self.store.scatter(present, slots, starts, lens, [P + T - n for n in lens])
         return logits
 
-    def _retire_live(self) -> None:
-        """Write the live batch's K/V the store lacks, then forget the live batch."""
-        live, self._live = self._live, None
-        B = len(live.slots)
-        present = self._arenas[live.arena].views((B, *self._kv_head_shape(live.width)))
-        counts = [n - s for n, s in zip(live.lengths, live.stored)]
-        columns = [s + int(pad) for s, pad in zip(live.stored, live.pads)]
-        self.store.scatter(present, live.slots, live.stored, counts, columns)
+    def _store_rows(self, live: LiveDecode, rows: list[int]) -> None:
+        """Write the K/V these live rows hold and the store lacks."""
+        if not rows:
+            return
+        present = self._arenas[live.arena].views((len(live.rows), *self._kv_head_shape(live.width)))
+        stored = [live.stored[row] for row in rows]
+        counts = [live.lengths[row] - n for row, n in zip(rows, stored)]
+        columns = [n + int(live.pads[row]) for row, n in zip(rows, stored)]
+        self.store.scatter(present, [live.rows[row] for row in rows], stored, counts, columns, rows=rows)
+        for row in rows:
+            live.stored[row] = live.lengths[row]
+
+    def _vacate(self, live: LiveDecode, rows: list[int], keep: list[bool]) -> None:
+        """These rows' sequences leave the live batch (their K/V stored where `keep`): they become
+        holes, whose next token sits at the batch's next column."""
+        self.calls["left"] += len(rows)
+        self._store_rows(live, [row for row, k in zip(rows, keep) if k])
+        for row in rows:
+            live.rows[row], live.lengths[row], live.stored[row], live.pads[row] = None, 0, 0, live.width
 
     def _kv_head_shape(self, width: int) -> tuple[int, int, int]:
         heads, head_dim = self._kv_shape
