@@ -45,10 +45,13 @@ class _Abort:
 
 
 class _Outbox:
-    """Outputs waiting for the sender thread, at most one entry per sequence."""
+    """Outputs waiting for the sender thread, at most one entry per sequence. Taken in order of
+    urgency: a sequence's first output (its time to first token), then final ones (each frees a
+    client for its next request), then the rest, each group in arrival order."""
 
     def __init__(self) -> None:
         self._pending: dict[int, tuple[Handle, RequestOutput | Exception]] = {}
+        self._started: set[int] = set()  # sequences with an output taken, until their last
         self._ready = threading.Condition()
         self._closed = False
 
@@ -67,7 +70,19 @@ class _Outbox:
                 self._ready.wait()
             batch = [(seq_id, handle, item) for seq_id, (handle, item) in self._pending.items()]
             self._pending = {}
+            batch.sort(key=self._urgency)
+            for seq_id, _, item in batch:
+                if isinstance(item, Exception) or item.finished:
+                    self._started.discard(seq_id)
+                else:
+                    self._started.add(seq_id)
             return batch or None
+
+    def _urgency(self, entry: tuple[int, Handle, RequestOutput | Exception]) -> int:
+        seq_id, _, item = entry
+        if seq_id not in self._started:
+            return 0
+        return 1 if isinstance(item, Exception) or item.finished else 2
 
     def close(self) -> None:
         with self._ready:
