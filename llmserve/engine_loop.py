@@ -44,6 +44,10 @@ class _Abort:
     seq_id: int | None = None
 
 
+def _ends_request(item: RequestOutput | Exception) -> bool:
+    return isinstance(item, Exception) or item.finished
+
+
 class _Outbox:
     """Outputs waiting for the sender thread, at most one entry per sequence. Taken in order of
     urgency: a sequence's first output (its time to first token), then final ones (each frees a
@@ -64,7 +68,7 @@ class _Outbox:
             self._ready.notify()
 
     def take(self) -> list[tuple[int, Handle, RequestOutput | Exception]] | None:
-        """Everything waiting (in arrival order) as (seq_id, handle, item), or None once closed and drained."""
+        """Everything waiting as (seq_id, handle, item), most urgent first, or None once closed and drained."""
         with self._ready:
             while not self._pending and not self._closed:
                 self._ready.wait()
@@ -72,7 +76,7 @@ class _Outbox:
             self._pending = {}
             batch.sort(key=self._urgency)
             for seq_id, _, item in batch:
-                if isinstance(item, Exception) or item.finished:
+                if _ends_request(item):
                     self._started.discard(seq_id)
                 else:
                     self._started.add(seq_id)
@@ -82,7 +86,7 @@ class _Outbox:
         seq_id, _, item = entry
         if seq_id not in self._started:
             return 0
-        return 1 if isinstance(item, Exception) or item.finished else 2
+        return 1 if _ends_request(item) else 2
 
     def close(self) -> None:
         with self._ready:
@@ -236,7 +240,7 @@ class EngineLoop:
     def _send_loop(self) -> None:
         while (batch := self._outbox.take()) is not None:
             for seq_id, handle, item in batch:
-                if isinstance(item, Exception) or item.finished:
+                if _ends_request(item):
                     with self._watched_lock:
                         self._watched.pop(seq_id, None)
                 try:

@@ -48,6 +48,10 @@ class LiveDecode:
     width: int  # columns of the present tensors
     arena: int  # index of the arena holding them
 
+    def row_of(self) -> dict[int, int]:
+        """slot -> row of the sequences in the batch (holes left out)."""
+        return {slot: row for row, slot in enumerate(self.rows) if slot is not None}
+
 
 @dataclass(slots=True, frozen=True)
 class _LivePlan:
@@ -104,10 +108,10 @@ class PastPresentRunner:
                 self.calls["continued"] += 1
                 return self._step_live(live, plan, ids)
             self.calls["repacked"] += 1
-            self._store_rows(live, [row for row, slot in enumerate(live.rows) if slot is not None])
+            self._store_rows(live, list(live.row_of().values()))
             self._live = None
         elif live is not None:  # the rows of the slots this call touches leave the live batch
-            row_of = {slot: row for row, slot in enumerate(live.rows) if slot is not None}
+            row_of = live.row_of()
             touched = [(row_of[slot], start > 0) for slot, start in zip(slots, starts) if slot in row_of]
             if touched:
                 self._vacate(live, [row for row, _ in touched], [keep for _, keep in touched])
@@ -133,7 +137,7 @@ class PastPresentRunner:
         width = live.width
         if width + 1 > self.max_model_len:
             return None
-        row_of = {slot: row for row, slot in enumerate(live.rows) if slot is not None}
+        row_of = live.row_of()
         rows: list[int] = []
         joining: list[int] = []
         for i, (slot, start) in enumerate(zip(slots, starts)):
