@@ -29,12 +29,13 @@ def _levels(text: str) -> list[int]:
 
 
 class EngineSystem:
-    """The in-process engine: its own limit, no transport."""
+    """The in-process engine: its own limit, no transport (with `transit_ms`, replacement requests
+    reach it that many ms after their predecessor ends, drawn uniformly between the two bounds)."""
 
-    name = "engine"
-
-    def __init__(self, args) -> None:
+    def __init__(self, args, transit_ms: tuple[float, float] | None = None) -> None:
         self.args = args
+        self.name = "engine" if transit_ms is None else f"engine[transit {transit_ms[0]:g}-{transit_ms[1]:g} ms]"
+        self.transit_s = (0.0, 0.0) if transit_ms is None else (transit_ms[0] / 1e3, transit_ms[1] / 1e3)
         self.engine = engine_limit.make_engine(args.model_dir, max(args.concurrency), args.runtime)
 
     def __enter__(self) -> EngineSystem:
@@ -46,7 +47,7 @@ class EngineSystem:
 
     def run_level(self, concurrency: int):
         return engine_limit.run_level(self.engine, PROMPTS, concurrency, self.args.requests_per_worker,
-                                      self.args.max_tokens)
+                                      self.args.max_tokens, self.transit_s)
 
 
 class _ServedSystem:
@@ -107,6 +108,13 @@ class NaiveSystem(_ServedSystem):
         return await naive_request(self.server.url, prompt, self.args.max_tokens, self.args.max_tokens)
 
 
+def _transit(text: str) -> tuple[float, float]:
+    low, high = (float(x) for x in text.split(","))
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"need 0 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 def _variant(text: str) -> tuple[str, dict[str, str]]:
     """NAME:KEY=VALUE,KEY=VALUE -> this server again, with those `llm` settings (LLM_<KEY>)."""
     name, _, assignments = text.partition(":")
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="runs of each level per system, interleaved across systems; latencies pooled")
     parser.add_argument("--systems", default="engine,triton,naive")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench")
+    parser.add_argument("--engine-transit-ms", type=_transit, default=None, metavar="LOW,HIGH",
+                        help="also run the in-process engine with each replacement request arriving LOW-HIGH ms "
+                             "after its predecessor ends (staggered, as through a server), side by side")
     parser.add_argument("--variant", type=_variant, action="append", default=[],
                         help="also run this server with other llm settings, side by side: "
                              "NAME:KEY=VALUE,... (e.g. per-step:max_stream_responses_per_s=)")
@@ -148,12 +159,14 @@ def main(argv: list[str] | None = None) -> None:
                  "naive": lambda: NaiveSystem(args)}
     systems = [factories[name]() for name in args.systems.split(",")]
     systems += [TritonSystem(args, name, settings) for name, settings in args.variant]
+    if args.engine_transit_ms is not None:
+        systems.append(EngineSystem(args, args.engine_transit_ms))
     with contextlib.ExitStack() as stack:
         for system in systems:
             print(f"starting {system.name}", file=sys.stderr, flush=True)
             stack.enter_context(system)
         freeze_startup_objects()  # the load generator's own GC pauses would blur every system's figures
-        engine = next((s for s in systems if isinstance(s, EngineSystem)), None)
+        engine = next((s for s in systems if s.name == "engine"), None)
         if engine is not None:
             results["prefill_ms"] = engine_limit.prefill_ms(engine.engine, PROMPTS[0])
         # Level by level, every system in turn (the others idle), each level repeated with the order

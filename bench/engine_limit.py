@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import random
 import statistics
 import time
 
@@ -23,12 +25,17 @@ def make_engine(model_dir: str, max_num_seqs: int, runtime: str) -> LLMEngine:
 
 
 def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_per_worker: int,
-              max_tokens: int) -> list[RequestRecord]:
+              max_tokens: int, transit_s: tuple[float, float] = (0.0, 0.0), seed: int = 0) -> list[RequestRecord]:
+    """Closed loop on the engine alone. `transit_s` (low, high): each replacement request reaches
+    the engine a uniformly drawn delay after its predecessor's last token, as requests do through a
+    server (the load on the engine then arrives staggered); (0, 0) admits it before the next step."""
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     pending = [prompts[i % len(prompts)] for i in range(concurrency * requests_per_worker)]
     pending.reverse()
     live: dict[int, RequestRecord] = {}
     records: list[RequestRecord] = []
+    due: list[float] = []  # when each replacement request arrives (a heap)
+    draw = random.Random(seed).uniform
 
     def admit() -> None:
         prompt = pending.pop()
@@ -37,7 +44,14 @@ def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_
 
     while pending and len(live) < concurrency:
         admit()
-    while live:
+    while live or due:
+        now = time.perf_counter()
+        while due and due[0] <= now:
+            heapq.heappop(due)
+            admit()
+        if not live:
+            time.sleep(due[0] - now)
+            continue
         for out in engine.step():
             record = live[out.seq_id]
             now = time.perf_counter()
@@ -46,8 +60,8 @@ def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_
             if out.finished:
                 record.end, record.num_output_tokens = now, out.num_output_tokens
                 records.append(live.pop(out.seq_id))
-                if pending:
-                    admit()
+                if len(due) < len(pending):
+                    heapq.heappush(due, now + draw(*transit_s))
     return records
 
 

@@ -29,3 +29,19 @@ def test_bench_tiny_sweep_writes_results(default_model_dir, tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "| triton | 2 |" in (tmp_path / "results.md").read_text()
     assert "this server / naive" in run.stdout
+
+
+def test_engine_limit_with_transit_delays_replacements(engine_factory):
+    from bench.engine_limit import run_level
+
+    engine = engine_factory(max_num_seqs=4, num_threads=1)
+    prompts = ["Once upon a time", "The little dog"]
+    direct = run_level(engine, prompts, 2, 3, max_tokens=4)
+    delayed = run_level(engine, prompts, 2, 3, max_tokens=4, transit_s=(0.02, 0.03))
+    for records in (direct, delayed):
+        assert len(records) == 6 and all(r.num_output_tokens == 4 and r.chunks for r in records)
+    # Each replacement starts 20-30 ms after the request it replaces ended (the first two start at once).
+    starts = sorted(r.start for r in delayed)[2:]
+    ends = sorted(r.end for r in delayed)[:4]
+    assert all(start - end >= 0.02 for start, end in zip(starts, ends))
+    assert not engine.has_unfinished()
