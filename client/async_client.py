@@ -10,7 +10,7 @@ the empty final response: its request dicts have no
 model sends its final flag on its own. So `_open_stream` builds the request
 with tritonclient's own request builder, sets the flag the way the sync
 client's `async_stream_infer(enable_empty_final_response=True)` does, and
-calls the same gRPC stub that `stream_infer()` calls.
+calls the same gRPC stub that `stream_infer()` calls; `_send_request` writes it.
 """
 
 from __future__ import annotations
@@ -47,18 +47,25 @@ __all__ = ["AsyncClient"]
 
 
 def _open_stream(triton: aio.InferenceServerClient, model: str, request: PreparedRequest,
-                 timeout: float | None) -> grpc.aio.StreamStreamCall:
+                 timeout: float | None) -> tuple[grpc.aio.StreamStreamCall, service_pb2.ModelInferRequest]:
+    """The call and the one request message to write on it (`_send_request`)."""
     message = _get_inference_request(
         model_name=model, inputs=request.inputs, model_version="", request_id=request.request_id,
         outputs=None, sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
         timeout=None, parameters=None,
     )
     message.parameters["triton_enable_empty_final_response"].bool_param = True
-    # A one-element iterable: gRPC writes the request and half-closes, which
-    # Triton treats as "no more requests", not as a cancellation.
-    return triton._client_stub.ModelStreamInfer(
-        [message], metadata=triton._get_metadata(STREAM_HEADERS), timeout=timeout,
-    )
+    return triton._client_stub.ModelStreamInfer(metadata=triton._get_metadata(STREAM_HEADERS), timeout=timeout), message
+
+
+async def _send_request(call: grpc.aio.StreamStreamCall, message: service_pb2.ModelInferRequest) -> None:
+    """Write the request and half-close, which Triton treats as "no more requests", not as a
+    cancellation. Awaited in the caller's task: handing grpc.aio a request iterator instead
+    leaves the write to a task of its own, which under load runs milliseconds later (the
+    server waited 22 ms on average, 150 ms at p95, for the request of a new stream at
+    concurrency 32)."""
+    await call.write(message)
+    await call.done_writing()
 
 
 def _caller_is_cancelling() -> bool:
@@ -146,11 +153,13 @@ class AsyncClient:
         return self._stream(request)
 
     async def _stream(self, request: PreparedRequest) -> AsyncGenerator[StreamChunk, None]:
-        call = _open_stream(self._client(), self.model, request, self.timeout)
+        call, message = _open_stream(self._client(), self.model, request, self.timeout)
         assembler = ChunkAssembler(request.max_tokens)
         request_over = False  # the server ended the request (final or error): nothing to stop
-        reading = False  # awaiting the next response: a cancellation now also cancels the RPC
+        reading = True  # awaiting the call (writing, or reading the next response): a cancellation
+        # now also cancels the RPC
         try:
+            await self._write(call, message)
             while True:
                 reading = True
                 response = await self._read(call)
@@ -181,6 +190,15 @@ class AsyncClient:
                     call.cancel()
                     if not request_over and self.stop_model:
                         self._stop_in_background(request.request_id)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, message: service_pb2.ModelInferRequest) -> None:
+        try:
+            await _send_request(call, message)
+        except grpc.RpcError as exc:
+            raise from_triton_exception(get_error_grpc(exc), url=self.url) from exc
+        except asyncio.InvalidStateError:  # the RPC ended before the write: its status says why
+            await self._read(call)  # raises that status's error
+            raise ClientError("the server closed the stream before the request was sent") from None
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> service_pb2.ModelStreamInferResponse:
         try:

@@ -49,44 +49,44 @@ def _ends_request(item: RequestOutput | Exception) -> bool:
 
 
 class _Outbox:
-    """Outputs waiting for the sender thread, at most one entry per sequence. Taken in order of
-    urgency: a sequence's first output (its time to first token), then final ones (each frees a
-    client for its next request), then the rest, each group in arrival order."""
+    """Outputs waiting for the sender thread, at most one entry per sequence. Taken one at a time
+    in order of urgency: a sequence's first output (its time to first token), then final ones
+    (each frees a client for its next request), then the rest, each group in arrival order. One at
+    a time, so an urgent output that arrives while others wait goes out next, not after them."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, tuple[Handle, RequestOutput | Exception]] = {}
+        self._pending: dict[int, tuple[Handle, RequestOutput | Exception]] = {}  # in arrival order
         self._started: set[int] = set()  # sequences with an output taken, until their last
         self._ready = threading.Condition()
         self._closed = False
 
     def put(self, seq_id: int, handle: Handle, item: RequestOutput | Exception) -> None:
         with self._ready:
-            queued = self._pending.get(seq_id)
+            queued = self._pending.get(seq_id)  # a merged output keeps its place: it waited longest
             if queued is not None and isinstance(item, RequestOutput) and isinstance(queued[1], RequestOutput):
                 item = merge_outputs(queued[1], item)
             self._pending[seq_id] = (handle, item)  # an error replaces what was waiting: the request failed
             self._ready.notify()
 
-    def take(self) -> list[tuple[int, Handle, RequestOutput | Exception]] | None:
-        """Everything waiting as (seq_id, handle, item), most urgent first, or None once closed and drained."""
+    def take(self) -> tuple[int, Handle, RequestOutput | Exception] | None:
+        """The most urgent output waiting as (seq_id, handle, item), or None once closed and drained."""
         with self._ready:
             while not self._pending and not self._closed:
                 self._ready.wait()
-            batch = [(seq_id, handle, item) for seq_id, (handle, item) in self._pending.items()]
-            self._pending = {}
-            batch.sort(key=self._urgency)
-            for seq_id, _, item in batch:
-                if _ends_request(item):
-                    self._started.discard(seq_id)
-                else:
-                    self._started.add(seq_id)
-            return batch or None
+            if not self._pending:
+                return None
+            seq_id = min(self._pending, key=self._urgency)  # the first of the most urgent
+            handle, item = self._pending.pop(seq_id)
+            if _ends_request(item):
+                self._started.discard(seq_id)
+            else:
+                self._started.add(seq_id)
+            return seq_id, handle, item
 
-    def _urgency(self, entry: tuple[int, Handle, RequestOutput | Exception]) -> int:
-        seq_id, _, item = entry
+    def _urgency(self, seq_id: int) -> int:
         if seq_id not in self._started:
             return 0
-        return 1 if _ends_request(item) else 2
+        return 1 if _ends_request(self._pending[seq_id][1]) else 2
 
     def close(self) -> None:
         with self._ready:
@@ -238,20 +238,20 @@ class EngineLoop:
     # -- the sender thread -------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        while (batch := self._outbox.take()) is not None:
-            for seq_id, handle, item in batch:
-                if _ends_request(item):
-                    with self._watched_lock:
-                        self._watched.pop(seq_id, None)
-                try:
-                    if isinstance(item, Exception):
-                        self._fail(handle, item)
-                    else:
-                        self._send(handle, item)
-                except Exception:  # a client that went away must not stop the server
-                    log.exception("sending a response failed")
-                    if isinstance(item, RequestOutput) and not item.finished:
-                        self.abort_sequence(item.seq_id)
+        while (entry := self._outbox.take()) is not None:
+            seq_id, handle, item = entry
+            if _ends_request(item):
+                with self._watched_lock:
+                    self._watched.pop(seq_id, None)
+            try:
+                if isinstance(item, Exception):
+                    self._fail(handle, item)
+                else:
+                    self._send(handle, item)
+            except Exception:  # a client that went away must not stop the server
+                log.exception("sending a response failed")
+                if isinstance(item, RequestOutput) and not item.finished:
+                    self.abort_sequence(item.seq_id)
 
     def _fail_all(self, exc: Exception) -> None:
         for seq_id, handle in list(self._handles.items()):

@@ -282,6 +282,28 @@ def test_async_task_cancellation_cancels_on_the_server(triton_server):
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.02])
+def test_async_cancellation_before_the_first_response_leaves_nothing_running(triton_server, delay):
+    """Cancelled while its request is being written (delay 0: the task has only reached the write)
+    or before any response came back: whether or not the request reached the server, nothing is
+    left generating."""
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            before = before_cancelling(triton_server)
+            task = asyncio.create_task(aclient.generate(PROMPT, **LONG))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(1.5)  # a LONG request left running would have finished by now
+            after = await asyncio.to_thread(Counts.read, triton_server)
+            assert after.length == before.length, "the request ran to max_tokens"
+            assert after.generated - before.generated < CUT_SHORT
+            assert active(triton_server) == 0
+
+    asyncio.run(run())
+
+
 def test_async_wait_for_timeout_cancels_on_the_server(triton_server):
     async def run():
         async with AsyncClient(triton_server.grpc_url) as aclient:

@@ -207,15 +207,27 @@ def test_outbox_sends_first_outputs_then_finals_then_the_rest():
     def output(seq_id, finished=False):
         return RequestOutput(seq_id, str(seq_id), [1], 0, -1, "x", finished, "length" if finished else None, 1, 1)
 
+    def take_all():
+        order = []
+        while outbox._pending:
+            order.append(outbox.take()[0])
+        return order
+
     outbox = _Outbox()
     for seq_id in (1, 2, 3):
         outbox.put(seq_id, "h", output(seq_id))
-    assert [seq_id for seq_id, _, _ in outbox.take()] == [1, 2, 3]  # all first outputs: arrival order
+    assert take_all() == [1, 2, 3]  # all first outputs: arrival order
     outbox.put(1, "h", output(1))  # a later piece
     outbox.put(2, "h", output(2, finished=True))  # a final one
     outbox.put(4, "h", output(4))  # a new sequence's first output
     outbox.put(3, "h", RuntimeError("failed"))  # an error ends its request too
-    assert [seq_id for seq_id, _, _ in outbox.take()] == [4, 2, 3, 1]
+    assert take_all() == [4, 2, 3, 1]
     outbox.put(2, "h", output(2))  # seq id 2 again: ended before, so this is a first output
     outbox.put(1, "h", output(1))
-    assert [seq_id for seq_id, _, _ in outbox.take()] == [2, 1]
+    assert take_all() == [2, 1]
+    # An urgent output that arrives while others wait goes out before them.
+    for seq_id in (1, 2):
+        outbox.put(seq_id, "h", output(seq_id))
+    assert outbox.take()[0] == 1
+    outbox.put(5, "h", output(5))
+    assert take_all() == [5, 2]

@@ -131,6 +131,10 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
     if precision not in PRECISIONS:
         raise ExportError(f"the ONNX Runtime engine is built in {' / '.join(PRECISIONS)} only, not {precision!r} "
                           "(half precision and int8 are TensorRT's: `--runtime tensorrt`)")
+    model_dir = Path(model_dir).resolve()
+    out_dir = Path(out_dir) if out_dir is not None else default_engine_dir("onnxruntime", model_dir, out_root)
+    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset):
+        return out_dir  # before the exporter's imports: a server start checks this every time
     _require_exporter()
     import onnx
     import torch
@@ -139,10 +143,6 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
     from llmserve.models import load_model, model_type_of
     from llmserve.models.hf_config import read_config
 
-    model_dir = Path(model_dir).resolve()
-    out_dir = Path(out_dir) if out_dir is not None else default_engine_dir("onnxruntime", model_dir, out_root)
-    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset):
-        return out_dir
     try:
         model = load_model(model_dir, dtype="float32", device="cpu")
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
