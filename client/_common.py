@@ -15,10 +15,13 @@ DEFAULT_URL = "localhost:8001"
 DEFAULT_STOP_MODEL = "llm"
 DEFAULT_STOP_TIMEOUT = 1.0
 
-# Ask Triton to end a failed request's stream with the real gRPC status
-# (INVALID_ARGUMENT, UNAVAILABLE, ...) instead of a status-less message on the
-# stream. One request per stream, so closing the stream on error costs nothing.
-STREAM_HEADERS = {"triton_grpc_error": "true"}
+# Headers of every stream. Not Triton's `triton_grpc_error: true`, which ends a failed
+# request's stream with its real gRPC status: on Triton 2.51 a stream ended that way races
+# the frontend's done-notification ("HandleCancellation called even when the context was not
+# cancelled ... step COMPLETE" in the server log), which can crash tritonserver (Signal 11;
+# upstream fix triton-inference-server/server#8078). So an error arrives as a message on the
+# stream and is typed from its text (errors.py).
+STREAM_HEADERS: dict[str, str] = {}
 
 
 def normalize_url(url: str) -> str:

@@ -1,11 +1,12 @@
 """Typed exceptions, and the one mapping from tritonclient errors to them.
 
-The clients open every stream with Triton's ``triton_grpc_error`` header, so a
-request the server rejects ends the RPC with a real gRPC status
-(INVALID_ARGUMENT, UNAVAILABLE, NOT_FOUND, ...) that maps directly. Servers
-without that mode put the error *on* the stream as a bare message; then the
-status comes from a ``[StatusCode.X]`` marker in the text when there is one,
-else from well-known Triton wording.
+An error that ends the RPC (connection refused, deadline, a server that ends
+failed streams with Triton's ``triton_grpc_error`` mode) carries a real gRPC
+status (INVALID_ARGUMENT, UNAVAILABLE, NOT_FOUND, ...) that maps directly. The
+clients do not ask for that mode (see `_common.STREAM_HEADERS`), so a request
+the server rejects arrives as an error message on the stream; then the status
+comes from a ``[StatusCode.X]`` marker in the text when there is one, else the
+type from well-known wording (the server's messages name the problem).
 """
 
 from __future__ import annotations
