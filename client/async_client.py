@@ -156,8 +156,8 @@ class AsyncClient:
         call, message = _open_stream(self._client(), self.model, request, self.timeout)
         assembler = ChunkAssembler(request.max_tokens)
         request_over = False  # the server ended the request (final or error): nothing to stop
-        reading = True  # awaiting the call (writing, or reading the next response): a cancellation
-        # now also cancels the RPC
+        # Awaiting the call (the write, then each response): a cancellation now also cancels the RPC.
+        reading = True
         try:
             await self._write(call, message)
             while True:
