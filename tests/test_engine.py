@@ -165,6 +165,35 @@ def test_merged_outputs_decode_to_the_joined_text(engine_factory):
     assert merged.finished and merged.finish_reason == "stop"
 
 
+def test_a_prefill_step_holds_due_pieces_for_at_most_one_interval(engine_factory, monkeypatch):
+    """With max_stream_responses_per_s, a running sequence's piece that falls due in a step that
+    prefills a new prompt waits for the next step (merged, nothing lost), unless it is a whole
+    interval late; the new prompt's first token goes out in that step."""
+    import llmserve.engine as engine_module
+
+    clock = type("Clock", (), {"now": 100.0, "monotonic": lambda self: self.now})()
+    monkeypatch.setattr(engine_module, "time", clock)
+    engine = engine_factory(max_stream_responses_per_s=1.0)  # interval: (running sequences) seconds
+    params = SamplingParams(max_tokens=40, min_tokens=40)
+
+    def step_at(now):
+        clock.now = now
+        return {out.request_id: out for out in engine.step()}
+
+    engine.add_request("a", engine.encode("Once upon a time"), params)
+    assert "a" in step_at(100.0)  # first output: at once; the next one is due 1 s later
+    assert step_at(100.5) == {}
+    sent = step_at(101.0)["a"].num_output_tokens  # due (and no prefill): sent; next due at 102
+    engine.add_request("b", engine.encode("The little dog"), params)
+    held = step_at(102.5)  # a is due, but b prefills: only b's first token goes out
+    assert list(held) == ["b"] and held["b"].num_output_tokens == 1
+    merged = step_at(102.6)["a"]  # the next step sends a's piece: the held token and its own
+    assert merged.num_output_tokens == sent + 2
+    engine.add_request("c", engine.encode("One day"), params)
+    late = step_at(112.0)  # a was due at 104.6: more than an interval (3 s) late, so not held
+    assert set(late) == {"a", "b", "c"}
+
+
 def test_prefill_groups_cut_padding_and_keep_everyone(engine_factory):
     from llmserve.engine import PREFILL_PASS_OVERHEAD_TOKENS, prefill_groups
 
