@@ -139,7 +139,7 @@ class LLMEngine:
         self._sequences: dict[int, Sequence] = {}
         self._now = 0.0  # this step's clock and streaming interval (max_stream_responses_per_s)
         self._send_interval = 0.0
-        self._holding = False
+        self._hold = 0.0  # how much later than due a piece may go out this step
 
     # -- requests --------------------------------------------------------------
 
@@ -211,7 +211,7 @@ class LLMEngine:
         # A step that prefills new prompts holds the running sequences' due pieces (for at most one
         # more interval; they merge into the next output): its first tokens then do not queue behind
         # them in the sender, the postprocessing model and the client.
-        self._holding = bool(batch.prefill)
+        self._hold = self._send_interval if batch.prefill else 0.0
         self._now = time.monotonic()
         outputs: list[RequestOutput] = []
         grouping = packed_prefill_groups if self.runner.packs_prefill else prefill_groups
@@ -249,7 +249,7 @@ class LLMEngine:
             return self._finish(seq, "stop", stop_matched=True)
         if seq.num_output_tokens >= params.max_tokens:
             return self._finish(seq, "length")
-        if seq.stream and self._now >= seq.next_send_time + (self._send_interval if self._holding else 0.0):
+        if seq.stream and self._now >= seq.next_send_time + self._hold:
             emission = seq.output.take()
             if emission is not None:
                 seq.next_send_time = self._now + self._send_interval

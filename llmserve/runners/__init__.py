@@ -2,7 +2,8 @@
 
 Every runner has TorchModelRunner's interface: `forward(slots, token_ids, start_positions)` ->
 float32 logits [B, vocab], and attributes vocab_size, max_model_len, num_slots, eos_token_ids,
-kv_cache_bytes, device, dtype, packs_prefill (whether ragged prompts go in one unpadded pass). Runtimes other than torch are imported only when chosen.
+kv_cache_bytes, device, dtype, packs_prefill (whether ragged prompts go in one unpadded pass).
+Runtimes other than torch are imported only when chosen.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class _LivePlan:
 
     rows: list[int]  # the row of each requested slot, in call order (joins included)
     leaving: list[int]  # rows whose sequence is not in the call: they become holes
-    joining: list[tuple[int, int]]  # (index in the call, row) of sequences not in the batch yet
+    joining: list[tuple[int, int, int]]  # (row, slot, start) of the sequences not in the batch yet
     num_rows: int
 
 
