@@ -262,7 +262,10 @@ class LLMEngine:
             if unit is not None and seq.output.add(unit, check_stop=seq.num_output_tokens >= seq.params.min_tokens):
                 reason = "stop"
             seq.output.finish()
+        slot = seq.slot
         self.scheduler.finish(seq)
+        if slot is not None:
+            self.runner.release(slot)
         del self._sequences[seq.seq_id]
         seq.finish_reason = reason
         self.stats.finished[reason] += 1

@@ -120,6 +120,10 @@ class TorchModelRunner:
         last = hidden[torch.arange(len(lens), device=self.device), lens_t - 1] if padded else hidden[:, -1]
         return self.model.compute_logits(last).float()
 
+    def release(self, slot: int) -> None:
+        """The slot's K/V is no longer needed (the runner contract; nothing to do here: a slot's
+        cache is overwritten by its next sequence)."""
+
     def _forward_packed(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
                         lens: list[int]) -> torch.Tensor:
         """Ragged prompts from empty caches: one pass over the prompts packed end to end (see

@@ -17,6 +17,7 @@ from llmserve.config import EngineConfig, SamplingParams
 from llmserve.engine import LLMEngine
 from llmserve.model_runner import TorchModelRunner
 from llmserve.runners import create_runner
+from llmserve.runners.kv_store import SlotStore
 from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
 from tests.runner_contract import bad_forward_calls
 
@@ -83,6 +84,51 @@ def test_live_batch_paths_match_torch(runners):
     pair.decode([0, 3, 4, 5], steps=4)
     assert pair.onnx._live is live and pair.onnx.calls["repacked"] == 0
     assert pair.onnx.calls["packed"] + pair.onnx.calls["continued"] == pair.calls
+
+
+def test_a_released_slot_leaves_the_live_batch_without_being_stored(runners):
+    pair = Pair(*runners())
+    pair.forward([0, 1, 2], [[5, 6, 7], [20, 21], [30, 31, 32, 33]], [0, 0, 0])
+    pair.decode([0, 1, 2], steps=4)
+    live, store = pair.onnx._live, pair.onnx.store
+    before = [t[1].clone() for t in store.tensors]
+    pair.onnx.release(1)  # its sequence finished: the row becomes a hole, the store is not written
+    assert live.rows == [0, None, 2] and pair.onnx.calls["left"] == 1
+    assert all(torch.equal(t[1], b) for t, b in zip(store.tensors, before))
+    pair.onnx.release(7)  # not in the live batch: nothing to do
+    pair.torch.release(1)
+    del pair.cached[1]
+    pair.forward([1], [[9, 8, 7, 6, 5]], [0])  # the slot's next sequence
+    pair.decode([0, 1, 2], steps=3)  # joins into the hole
+    assert pair.onnx._live is live and live.rows == [0, 1, 2]
+    pair.decode([0, 2])  # a sequence not in the call still has its K/V stored (it may come back)
+    assert not torch.equal(store.tensors[0][1], before[0])
+    pair.decode([0, 1, 2], steps=2)
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 4, 9])
+def test_store_copies_match_elementwise(num_rows):
+    """gather/scatter copy row by row (few rows) or by index (many): both against a plain loop."""
+    store = SlotStore(num_tensors=2, num_slots=12, num_kv_heads=2, max_len=10, head_dim=3)
+    for t in store.tensors:
+        t.copy_(torch.randn_like(t))
+    slots, lengths = [11, 2, 5, 0, 7, 3, 9, 1, 4][:num_rows], [4, 0, 7, 1, 6, 2, 5, 3, 7][:num_rows]
+    rows = [num_rows - 1 - b for b in range(num_rows)]  # reversed: rows are not the call order
+    out = [torch.full((num_rows, 2, 8, 3), float("nan")) for _ in store.tensors]
+    store.gather(out, slots, lengths, rows=rows)
+    for dst, src in zip(out, store.tensors):
+        for b, (slot, n) in enumerate(zip(slots, lengths)):
+            assert torch.equal(dst[rows[b], :, 8 - n:], src[slot, :, :n])
+            assert not dst[rows[b], :, :8 - n].any()
+    firsts, columns = [n // 2 for n in lengths], [1] * num_rows
+    counts = [min(3, 10 - f) for f in firsts]
+    expected = [t.clone() for t in store.tensors]
+    for dst, src in zip(expected, out):
+        for b, slot in enumerate(slots):
+            dst[slot, :, firsts[b]:firsts[b] + counts[b]] = src[rows[b], :, 1:1 + counts[b]]
+    store.scatter(out, slots, firsts, counts, columns, rows=rows)
+    for got, want in zip(store.tensors, expected):
+        assert torch.equal(got, want)
 
 
 def test_live_batch_repacks_when_in_place_would_waste(runners):

@@ -118,6 +118,13 @@ class PastPresentRunner:
         self.calls["packed"] += 1
         return self._run_packed(slots, ids, starts, lens, decode)
 
+    def release(self, slot: int) -> None:
+        """The slot's K/V is no longer needed (its sequence finished): a live row holding it becomes
+        a hole without being written to the store."""
+        live = self._live
+        if live is not None and slot in live.rows:
+            self._vacate(live, [live.rows.index(slot)], [False])
+
     def _forward_in_parts(self, slots: list[int], token_ids: Sequence[Sequence[int]], starts: list[int],
                           lens: list[int]) -> torch.Tensor:
         logits = torch.empty(len(slots), self.vocab_size, device=self.device)
