@@ -82,6 +82,8 @@ class SlotStore:
         if len(slots) <= SLICE_COPY_MAX_ROWS:
             for row, slot, first, n, column in zip(range(len(slots)) if rows is None else rows, slots,
                                                    first_positions, counts, first_columns):
+                if not n:
+                    continue
                 for store, tensor in zip(self.tensors, src):
                     store[slot, :, first:first + n] = tensor[row, :, column:column + n]
             return
