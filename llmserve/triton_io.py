@@ -102,6 +102,9 @@ class LLMRequest:
     echo_prompt: bool
     stop: bool  # TensorRT-LLM's `stop`: end the running request(s) with this request id
     sequence_id: int | None  # with stop: end this engine sequence (postprocessing's cancel path)
+    # False: don't poll Triton's is_cancelled() for it (an IPC per check); its caller sends a stop
+    # instead. The ensemble says so: its cancellation never reaches `llm`, postprocessing stops it.
+    poll_cancellation: bool = True
 
 
 def parse_generation(inputs: Inputs) -> tuple[SamplingParams, bool, bool]:
@@ -132,12 +135,14 @@ def parse_llm_request(inputs: Inputs) -> LLMRequest:
     _one_request(inputs)
     if _scalar(inputs, "stop"):
         seq_id = _scalar(inputs, "sequence_id")
-        return LLMRequest(None, None, False, False, True, None if seq_id is None else int(seq_id))
+        return LLMRequest(None, None, False, False, True, None if seq_id is None else int(seq_id), False)
     ids = inputs.get("input_ids")
     if ids is None or ids.size == 0:
         raise InvalidRequestError("input 'input_ids' is required and must not be empty")
     params, stream, echo_prompt = parse_generation(inputs)
-    return LLMRequest(ids.reshape(-1).astype(np.int64).tolist(), params, stream, echo_prompt, False, None)
+    poll = _scalar(inputs, "poll_cancellation")
+    return LLMRequest(ids.reshape(-1).astype(np.int64).tolist(), params, stream, echo_prompt, False, None,
+                      poll is None or bool(poll))
 
 
 _SAMPLING_INPUTS = {

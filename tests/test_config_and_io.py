@@ -64,10 +64,17 @@ def test_parse_llm_request():
         "exclude_input_in_output": batched(False, bool),
     })
     assert request.prompt_ids == [5, 6, 7] and request.stream and request.echo_prompt
+    assert request.poll_cancellation  # a direct caller is watched unless it says otherwise
     params = request.params
     assert (params.max_tokens, params.top_k, params.seed) == (12, 3, 2**63 + 5)
     assert params.temperature == pytest.approx(0.5)
     assert params.stop == ("END", "\n")
+
+
+def test_the_ensemble_asks_llm_not_to_poll_cancellation():
+    request = parse_llm_request({"input_ids": np.array([[5]], dtype=np.int32), "max_tokens": batched(2, np.int32),
+                                 "poll_cancellation": batched(False, bool)})
+    assert not request.poll_cancellation
 
 
 def test_parse_llm_request_errors():

@@ -205,6 +205,29 @@ def test_no_cancellation_check_after_a_final_response(engine_factory):
     assert not late_checks, f"{len(late_checks)} cancellation checks after a final response"
 
 
+def test_requests_stopped_by_their_caller_are_never_asked_about_cancellation(engine_factory):
+    """The ensemble's `llm` requests say `poll_cancellation=false` (postprocessing stops them): each
+    ask is an IPC on the server, so the watcher must skip them, and still watch the others."""
+    asked = []
+    loop = EngineLoop(engine_factory(), send=lambda h, out: h.outputs.put(out), fail=lambda h, e: None,
+                      is_cancelled=lambda h: asked.append(h) or h.cancelled.is_set(), cancel_check_interval=0.001)
+    loop.start()
+    try:
+        unwatched, watched = Handle(), Handle()
+        params = SamplingParams(max_tokens=900, min_tokens=900)
+        loop.submit(unwatched, "u", loop.engine.encode("Once"), params, watch_cancellation=False)
+        loop.submit(watched, "w", loop.engine.encode("Once"), params)
+        unwatched.outputs.get(timeout=30)
+        watched.cancelled.set()
+        assert collect(watched)[-1].finish_reason == "cancelled"
+        unwatched.cancelled.set()  # Triton would not report it; its caller stops it instead
+        loop.abort_request("u")
+        assert collect(unwatched)[-1].finish_reason == "cancelled"
+    finally:
+        loop.shutdown()
+    assert watched in asked and unwatched not in asked
+
+
 def test_outbox_sends_first_outputs_then_finals_then_the_rest():
     from llmserve.engine import RequestOutput
     from llmserve.engine_loop import _Outbox

@@ -58,7 +58,8 @@ class TritonPythonModel:
                     sender.send(flags=FINAL)
                     continue
                 self.loop.submit(sender, request.request_id(), parsed.prompt_ids, parsed.params,
-                                 stream=parsed.stream, echo_prompt=parsed.echo_prompt)
+                                 stream=parsed.stream, echo_prompt=parsed.echo_prompt,
+                                 watch_cancellation=parsed.poll_cancellation)
             except Exception as exc:
                 self._fail(sender, exc)
         return None

@@ -15,6 +15,11 @@ from llmserve.triton_io import parse_prompt_request
 from llmserve.triton_pb import error_response, request_inputs
 
 
+# The ensemble's cancellation never reaches `llm` (Triton 2.51): postprocessing stops it instead,
+# so `llm` need not ask Triton about these requests.
+_NO_POLLING = np.array([[False]])
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.tokenizer = load_tokenizer(resolve_model_dir(args))
@@ -26,7 +31,8 @@ class TritonPythonModel:
             try:
                 ids = encode_prompt(self.tokenizer, parse_prompt_request(request_inputs(request)))
                 responses.append(pb_utils.InferenceResponse(
-                    [pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32))]))
+                    [pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
+                     pb_utils.Tensor("poll_cancellation", _NO_POLLING)]))
             except Exception as exc:
                 responses.append(error_response(exc))
         return responses
