@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import filecmp
 import os
 import shutil
@@ -126,16 +125,26 @@ def model_env(model_dir: str | None = None, runtime: str | None = None, **extra:
     return env
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Run by a fresh interpreter that then becomes the server (exec): SIGTERM when the process that
+# started it dies, even by SIGKILL, so no server outlives a killed test run or benchmark (Linux;
+# elsewhere a no-op). Not a `preexec_fn`: Python code between fork and exec runs every
+# `os.register_at_fork` handler, and gRPC's crash the child (SIGSEGV, 1 in 5 forks) while the
+# parent has streams open, as an AsyncClient's idle ones are.
+_EXEC_WITH_PARENT = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the process that started the server has exited")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
-def _exit_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL,
-    so no server outlives a killed test run or benchmark (Linux; elsewhere a no-op)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+def exec_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd`, run so that it ends with the process that starts it."""
+    return [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 class ServerProcess:
@@ -163,9 +172,8 @@ class ServerProcess:
     def start(self, timeout: float = 240.0):
         cmd = self.command()
         self._log = open(self._log_path, "w+b") if self._log_path else tempfile.TemporaryFile()
-        self.process = subprocess.Popen(cmd, env=self._env, cwd=self._cwd, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_exit_with_parent)
+        self.process = subprocess.Popen(exec_with_parent(cmd), env=self._env, cwd=self._cwd, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from client import AsyncClient, BadRequestError, Client, ModelNotFoundError, RequestTimeoutError
@@ -382,6 +383,88 @@ def test_concurrent_streams_from_asyncio_tasks(triton_server, sequential_texts):
         return dict(zip(CONCURRENT_PROMPTS, texts))
 
     assert asyncio.run(run()) == sequential_texts
+
+
+def test_async_client_reuses_a_stream_for_the_next_request(triton_server, sequential_texts):
+    """A request's stream carries the next request once the request has ended: after its final
+    response, and after leaving early (stopped on the server and drained to its final response);
+    not after an error. Each request still gets exactly its own text."""
+    prompt = CONCURRENT_PROMPTS[0]
+
+    async def text(aclient: AsyncClient, prompt: str) -> str:
+        return (await aclient.generate(prompt, max_tokens=24, **GREEDY)).text
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            assert await text(aclient, prompt) == sequential_texts[prompt]
+            streams = list(aclient._idle_streams)
+            assert len(streams) == 1
+            assert await text(aclient, prompt) == sequential_texts[prompt]
+            assert list(aclient._idle_streams) == streams
+            async with contextlib.aclosing(aclient.stream(PROMPT, **LONG)) as chunks:
+                async for _ in chunks:
+                    break
+            await asyncio.wait(set(aclient._stop_tasks), timeout=10)  # the stop and the drain
+            assert list(aclient._idle_streams) == streams
+            assert await text(aclient, prompt) == sequential_texts[prompt]  # nothing of the stopped one
+            with pytest.raises(BadRequestError, match="temperature"):
+                await aclient.generate(prompt, max_tokens=8, temperature=-1.0)
+            assert not aclient._idle_streams  # ended after the error
+            assert await text(aclient, prompt) == sequential_texts[prompt]
+            streams = list(aclient._idle_streams)
+            # Concurrent requests take a stream each; all come back to the idle ones.
+            texts = await asyncio.gather(*(text(aclient, p) for p in CONCURRENT_PROMPTS))
+            assert dict(zip(CONCURRENT_PROMPTS, texts)) == sequential_texts
+            assert len(aclient._idle_streams) == len(CONCURRENT_PROMPTS)
+            # A stream that ended while idle (a restarted server, a dropped connection) is replaced.
+            for stream in aclient._idle_streams:
+                stream.cancel()
+            assert await text(aclient, prompt) == sequential_texts[prompt]
+            [kept] = aclient._idle_streams
+            assert kept not in streams and not kept.done()
+
+    asyncio.run(run())
+
+
+def test_async_client_ends_streams_left_idle(triton_server, monkeypatch):
+    """An open stream holds up tritonserver's graceful shutdown, so one left unused is ended."""
+    monkeypatch.setattr("client.async_client.IDLE_STREAM_TIMEOUT_S", 0.05)
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            await aclient.generate(PROMPT, max_tokens=2)
+            [stream] = aclient._idle_streams
+            await asyncio.sleep(0.5)
+            assert not aclient._idle_streams
+            assert stream.done() and await stream.code() == grpc.StatusCode.OK  # half-closed and ended by the server
+
+    asyncio.run(run())
+
+
+def test_servers_start_while_an_async_client_holds_idle_streams(triton_server):
+    """Starting a server forks this process. Python code between that fork and the exec (a
+    `preexec_fn`) runs gRPC's fork handlers, which crashed ~1 child in 5 while a stream was open."""
+    from llmserve.launcher import exec_with_parent
+
+    async def run():
+        async with AsyncClient(triton_server.grpc_url) as aclient:
+            await aclient.generate(PROMPT, max_tokens=2)
+            assert aclient._idle_streams
+            codes = [subprocess.Popen(exec_with_parent(["true"]), start_new_session=True).wait() for _ in range(40)]
+            assert codes == [0] * 40
+
+    asyncio.run(run())
+
+
+def test_async_client_does_not_reuse_a_timed_out_stream(triton_server):
+    async def run():
+        async with AsyncClient(triton_server.grpc_url, timeout=SHORT_TIMEOUT) as aclient:
+            with pytest.raises(RequestTimeoutError, match="timeout"):
+                await aclient.generate(PROMPT, **LONG)
+            assert not aclient._idle_streams  # cancelled, as a gRPC deadline would
+            assert (await aclient.generate(PROMPT, max_tokens=2, min_tokens=2)).num_output_tokens == 2
+
+    asyncio.run(run())
 
 
 # --------------------------------------------------------------------------- CLI
