@@ -46,7 +46,7 @@ class EngineSystem:
         pass
 
     def run_level(self, concurrency: int):
-        return engine_limit.run_level(self.engine, PROMPTS, concurrency, self.args.requests_per_worker,
+        return engine_limit.run_level(self.engine, PROMPTS, concurrency, requests_per_worker(self.args, concurrency),
                                       self.args.max_tokens, self.transit_s)
 
 
@@ -69,7 +69,7 @@ class _ServedSystem:
 
     def run_level(self, concurrency: int):
         return self.loop.run_until_complete(
-            loadgen.run_level(self.request, PROMPTS, concurrency, self.args.requests_per_worker))
+            loadgen.run_level(self.request, PROMPTS, concurrency, requests_per_worker(self.args, concurrency)))
 
     def close_client(self) -> None:
         pass
@@ -108,6 +108,12 @@ class NaiveSystem(_ServedSystem):
         return await naive_request(self.server.url, prompt, self.args.max_tokens, self.args.max_tokens)
 
 
+def requests_per_worker(args, concurrency: int) -> int:
+    """At least `--min-requests` per run: at low concurrency, 4 requests per worker would make a p95
+    out of a dozen samples (the slowest but one), and the TTFT target divides by c=1's p95."""
+    return max(args.requests_per_worker, -(-args.min_requests // concurrency))
+
+
 def _transit(text: str) -> tuple[float, float]:
     low, high = (float(x) for x in text.split(","))
     if not 0 <= low <= high:
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="runtime of the engine and the server (a --variant may set another)")
     parser.add_argument("--max-tokens", type=int, default=64, help="also min_tokens: every request the same length")
     parser.add_argument("--requests-per-worker", type=int, default=4)
+    parser.add_argument("--min-requests", type=int, default=32,
+                        help="requests per run at least (more per worker at low concurrency)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each level per system, interleaved across systems; latencies pooled")
     parser.add_argument("--systems", default="engine,triton,naive")
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "runtime": args.runtime, "cpus": os.cpu_count(),
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                   "requests_per_worker": args.requests_per_worker, "repeats": args.repeats, "prompts": PROMPTS},
+                   "requests_per_worker": args.requests_per_worker, "min_requests": args.min_requests,
+                   "repeats": args.repeats, "prompts": PROMPTS},
         "systems": {},
     }
     factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),

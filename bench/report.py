@@ -45,7 +45,8 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [
         f"Model `{cfg['model']}`, runtime {cfg.get('runtime', 'torch')}, {cfg['cpus']} CPUs, max_tokens = min_tokens = {cfg['max_tokens']} (greedy), "
-        f"{cfg['requests_per_worker']} requests per worker, {cfg.get('repeats', 1)} runs per level, "
+        f"{cfg['requests_per_worker']} requests per worker and at least {cfg.get('min_requests', 0)} per run, "
+        f"{cfg.get('repeats', 1)} runs per level, "
         f"{len(cfg['prompts'])} prompts; {results['date']}.",
         "",
         "| system | conc. | output tok/s | TTFT p50 / p95 / p99 ms | ITL p50 / p95 ms | TPOT p50 ms "
