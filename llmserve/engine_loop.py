@@ -36,7 +36,7 @@ class _Add:
     params: SamplingParams
     stream: bool
     echo_prompt: bool
-    watch_cancellation: bool
+    poll_cancellation: bool
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,16 +128,16 @@ class EngineLoop:
             self._watcher.start()
 
     def submit(self, handle: Handle, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-               stream: bool = True, echo_prompt: bool = False, watch_cancellation: bool = True) -> None:
+               stream: bool = True, echo_prompt: bool = False, poll_cancellation: bool = True) -> None:
         """Queue a request; raises InvalidRequestError/OverloadedError in the caller's thread.
-        `watch_cancellation=False`: never ask `is_cancelled` about it (its caller stops it explicitly)."""
+        `poll_cancellation=False`: never ask `is_cancelled` about it (its caller stops it explicitly)."""
         if self._stopping:
             raise OverloadedError("the engine is shutting down")
         self.engine.validate(prompt_ids, params)
         limit = self.engine.config.max_queued_requests
         if self.engine.num_waiting + self._inbox.qsize() >= limit:
             raise OverloadedError(f"server overloaded: more than {limit} requests waiting for a slot")
-        self._inbox.put(_Add(handle, request_id, prompt_ids, params, stream, echo_prompt, watch_cancellation))
+        self._inbox.put(_Add(handle, request_id, prompt_ids, params, stream, echo_prompt, poll_cancellation))
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id=request_id))
@@ -199,7 +199,7 @@ class EngineLoop:
             self._fail(item.handle, exc)
             return
         self._handles[seq.seq_id] = item.handle
-        if item.watch_cancellation and self._is_cancelled is not None:
+        if item.poll_cancellation and self._is_cancelled is not None:
             self._watched[seq.seq_id] = item.handle  # no lock: the engine thread never waits for a check
 
     def _abort(self, item: _Abort) -> None:

@@ -215,7 +215,7 @@ def test_requests_stopped_by_their_caller_are_never_asked_about_cancellation(eng
     try:
         unwatched, watched = Handle(), Handle()
         params = SamplingParams(max_tokens=900, min_tokens=900)
-        loop.submit(unwatched, "u", loop.engine.encode("Once"), params, watch_cancellation=False)
+        loop.submit(unwatched, "u", loop.engine.encode("Once"), params, poll_cancellation=False)
         loop.submit(watched, "w", loop.engine.encode("Once"), params)
         unwatched.outputs.get(timeout=30)
         watched.cancelled.set()

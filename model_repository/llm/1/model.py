@@ -59,7 +59,7 @@ class TritonPythonModel:
                     continue
                 self.loop.submit(sender, request.request_id(), parsed.prompt_ids, parsed.params,
                                  stream=parsed.stream, echo_prompt=parsed.echo_prompt,
-                                 watch_cancellation=parsed.poll_cancellation)
+                                 poll_cancellation=parsed.poll_cancellation)
             except Exception as exc:
                 self._fail(sender, exc)
         return None
