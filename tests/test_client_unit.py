@@ -29,7 +29,7 @@ from client import (
     errors,
 )
 from client._common import normalize_url, send_stop
-from client._tensors import ChunkAssembler, build_request, build_stop_inputs
+from client._tensors import ChunkAssembler, _first_values, build_request, build_stop_inputs
 from llmserve.launcher import free_port
 
 # --------------------------------------------------------------------------- helpers
@@ -254,6 +254,34 @@ def test_assembler_keeps_split_utf8_characters_whole():
     second = asm.feed(_result(euro[1:], "", 1, 2))
     last = asm.feed(_result(b"", "stop", 1, 2, final=True))
     assert first.text + second.text + last.text == "x€"
+
+
+def test_first_values_read_raw_contents_as_tritonclient_does():
+    result = _result("naïve €".encode(), "", 7, 2**31 - 1)
+    response = result.get_response()
+    extra = response.outputs.add()  # another dtype, raw
+    extra.name, extra.datatype = "cum_log_probs", "FP32"
+    extra.shape.extend([1, 1])
+    response.raw_output_contents.append(np.array([[-1.5]], dtype=np.float32).tobytes())
+    values = _first_values(result)
+    assert values == {name: result.as_numpy(name).reshape(-1)[0] for name in values}
+    assert values["text_output"] == "naïve €".encode() and values["finish_reason"] == b""
+    assert values["num_output_tokens"] == 2**31 - 1 and values["cum_log_probs"] == np.float32(-1.5)
+
+
+def test_first_values_typed_contents_and_truncated_payloads():
+    response = service_pb2.ModelInferResponse(model_name="ensemble", id="r")
+    for name, datatype, payload in (("text_output", "BYTES", (5).to_bytes(4, "little") + b"ab"),
+                                    ("num_output_tokens", "INT32", b"\x01\x00")):
+        output = response.outputs.add()
+        output.name, output.datatype = name, datatype
+        response.raw_output_contents.append(payload)
+    typed = response.outputs.add()  # no raw payload: the value is in `contents` (as tritonclient reads it)
+    typed.name, typed.datatype = "finish_reason", "BYTES"
+    typed.shape.extend([1, 1])
+    typed.contents.bytes_contents.append(b"stop")
+    assert _first_values(InferResult(response)) == {"text_output": None, "num_output_tokens": None,
+                                                    "finish_reason": b"stop"}
 
 
 def test_completion_from_chunks():
