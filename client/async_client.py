@@ -193,7 +193,7 @@ class AsyncClient:
         deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
         assembler = ChunkAssembler(request.max_tokens)
         request_over = False  # the server ended the request (final or error): nothing to stop
-        kept = False  # the stream went back to the idle ones: it is no longer this request's
+        released = False  # the stream is no longer this request's: kept for the next one, or being ended
         # Awaiting the call (the write, then each response): a cancellation now also cancels the RPC.
         reading = True
         try:
@@ -209,14 +209,14 @@ class AsyncClient:
                 if response.error_message:
                     if is_final_response(InferResult(response.infer_response)):
                         self._retire(call)  # the request ended; not worth keeping after an error
-                        kept = True
+                        released = True
                     error = InferenceServerException(msg=response.error_message)
                     raise from_triton_exception(error, url=self.url) from error
                 chunk = assembler.feed(InferResult(response.infer_response))
                 request_over = assembler.done
                 if assembler.done:
                     self._keep(call)  # before the last yield: the caller may stop there
-                    kept = True
+                    released = True
                 if chunk is not None:
                     yield chunk
                 if assembler.done:
@@ -228,7 +228,7 @@ class AsyncClient:
             raise
         finally:
             # No await in here: this also runs while the task is being cancelled.
-            if not assembler.done and not kept:
+            if not released:
                 # The caller left between chunks (break, aclose): stop it, then drain the stream.
                 graceful = (not request_over and not reading and self.stop_model is not None
                             and self._finish_in_background(call, request, assembler))
