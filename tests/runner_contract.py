@@ -12,6 +12,9 @@ def bad_forward_calls(vocab_size: int, max_model_len: int | None = None) -> dict
         "no new tokens": ([0], [[]], [0]),
         "negative": ([0], [[1]], [-1]),
         "token ids": ([0], [[vocab_size]], [0]),
+        # Ragged prompts from empty caches: the packed prefill paths check them too.
+        "token ids must be": ([0, 1], [[1, 2], [vocab_size]], [0, 0]),
+        "token ids must be integers": ([0, 1], [[1, -1, 2], [3]], [0, 0]),
         "empty batch": ([], [], []),
     }
     if max_model_len is not None:

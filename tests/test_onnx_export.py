@@ -2,7 +2,8 @@
 
 The graph (llmserve/export/graph.py) is driven directly through its I/O: a ragged left-padded
 prefill from no past, decode steps fed their own `present` back as `past`, and a chunked prefill
-(several new tokens on top of a past). Reference: TorchModelRunner on the same weights.
+(several new tokens on top of a past); and the packed-prefill graph (prompts end to end, no
+padding). Reference: TorchModelRunner on the same weights.
 Tolerance: |onnx - torch| <= 1e-4 + 1e-4*|torch| on float32 logits.
 """
 
@@ -23,6 +24,7 @@ from llmserve.export.__main__ import main as export_cli  # noqa: E402
 from llmserve.export.manifest import model_fingerprint  # noqa: E402
 from llmserve.export.onnx_export import ExportError, export_onnx  # noqa: E402
 from llmserve.model_runner import TorchModelRunner  # noqa: E402
+from llmserve.models.attention import packed_layout  # noqa: E402
 
 ATOL = RTOL = 1e-4
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35]]
@@ -130,19 +132,54 @@ def test_chunked_prefill_on_a_past_matches_torch(exported):
     _close(logits, expected)
 
 
+def test_packed_prefill_graph_matches_torch(exported):
+    """prefill.onnx: the prompts packed end to end in one row, driven through its own I/O; its
+    present K/V, fed to model.onnx as past (left padded), continues each prompt as torch does."""
+    model_dir, engine_dir = exported
+    session = ort.InferenceSession(str(engine_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    layout = packed_layout(lengths, int(lengths.sum()), int(lengths.max()))
+    feeds = {"input_ids": np.array([[t for p in PROMPTS for t in p]]), "position_ids": layout.positions[None].numpy(),
+             "padded_index": layout.padded_index.numpy(), "prompt_mask": layout.valid.long().numpy(),
+             "last_index": layout.last_index.numpy()}
+    logits, *present = session.run([o.name for o in session.get_outputs()], feeds)
+    runner = TorchModelRunner(model_dir, num_slots=len(PROMPTS))
+    slots = list(range(len(PROMPTS)))
+    expected = runner.forward(slots, PROMPTS, [0] * len(PROMPTS))
+    _close(logits, expected)
+    # One decode step on model.onnx from the packed K/V, left padded into a past.
+    P, firsts = int(lengths.max()), (layout.last_index + 1 - lengths).tolist()
+    past = [np.zeros((len(PROMPTS), *t.shape[1:2], P, t.shape[3]), np.float32) for t in present]
+    mask = np.zeros((len(PROMPTS), P), np.int64)
+    for b, (first, n) in enumerate(zip(firsts, lengths.tolist())):
+        for dst, src in zip(past, present):
+            dst[b, :, P - n:] = src[0, :, first:first + n]
+        mask[b, P - n:] = 1
+    next_ids = expected.argmax(-1).tolist()
+    expected = runner.forward(slots, [[t] for t in next_ids], lengths.tolist())
+    ids, positions, step_mask = _left_padded([[t] for t in next_ids], lengths.tolist())
+    logits, _ = Graph(engine_dir).run(ids, positions, np.concatenate([mask, step_mask], axis=1), past)
+    _close(logits, expected)
+
+
 def test_manifest_records_the_source(default_model_dir, onnx_engine_dir):
     manifest = json.loads((onnx_engine_dir / "engine.json").read_text())
     assert manifest["source_model_dir"] == str(default_model_dir.resolve())
     assert manifest["fingerprint"] == model_fingerprint(default_model_dir)
     assert (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"], manifest["vocab_size"]) == (
         4, 2, 48, 2048)
-    assert manifest["files"] == ["model.onnx"] and manifest["dtype"] == "float32"
+    assert manifest["files"] == ["model.onnx", "prefill.onnx"] and manifest["dtype"] == "float32"
+    assert manifest["prefill_model"] == "prefill.onnx"
     assert manifest["model_type"] == "llama" and manifest["opset"] == 23
     proto = onnx.load(onnx_engine_dir / "model.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == ["batch", "seq"]
     assert dims["past_key_values.0.key"] == ["batch", 2, "past_seq", 48]
     assert dims["attention_mask"] == ["batch", "past_seq + seq"]
+    proto = onnx.load(onnx_engine_dir / "prefill.onnx", load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims == {"input_ids": [1, "tokens"], "position_ids": [1, "tokens"], "padded_index": ["tokens"],
+                    "prompt_mask": ["prompts", "longest"], "last_index": ["prompts"]}
 
 
 def test_export_is_skipped_when_current_and_redone_when_forced(gpt2_dir, gpt2_engine_dir):

@@ -60,10 +60,12 @@ class Pair:
 def test_live_batch_paths_match_torch(runners):
     pair = Pair(*runners())
     pair.forward([0, 1, 2], [[5, 6, 7, 8, 9], [20, 21], [30, 31, 32, 33]], [0, 0, 0])
-    pair.decode([0, 1, 2], steps=5)  # packed once, then continued from the live present buffers
+    # Ragged prompts: one unpadded pass of the prefill graph. Decode: packed once, then continued
+    # from the live present buffers.
+    pair.decode([0, 1, 2], steps=5)
     live = pair.onnx._live
     assert live is not None and live.rows == [0, 1, 2]
-    assert pair.onnx.calls == {"packed": 2, "continued": 4}
+    assert pair.onnx.calls == {"packed_prefill": 1, "packed": 1, "continued": 4}
     pair.forward([4], [[40, 41, 42]], [0])  # a prefill beside the live batch leaves it alone
     assert pair.onnx._live is live and live.rows == [0, 1, 2]
     pair.decode([0, 1, 2, 4], steps=3)  # a join: a new row
@@ -83,7 +85,30 @@ def test_live_batch_paths_match_torch(runners):
     pair.forward([5, 0], [[17, 18, 19], [3]])  # slot 0's K/V goes to the store, its row is left
     pair.decode([0, 3, 4, 5], steps=4)
     assert pair.onnx._live is live and pair.onnx.calls["repacked"] == 0
-    assert pair.onnx.calls["packed"] + pair.onnx.calls["continued"] == pair.calls
+    assert pair.onnx.calls["packed"] + pair.onnx.calls["continued"] + pair.onnx.calls["packed_prefill"] == pair.calls
+
+
+def test_packed_prefill_beside_a_live_batch_matches_torch(runners):
+    pair = Pair(*runners())
+    pair.forward([0, 1], [[5, 6, 7], [20, 21, 22]], [0, 0])  # same lengths: the padded graph
+    pair.decode([0, 1], steps=3)
+    live = pair.onnx._live
+    # Ragged prompts, one of them reusing live slot 1: its row leaves the batch unstored.
+    pair.forward([1, 4, 6, 3], [[9, 8, 7, 6, 5, 4, 3], [40], [60, 61, 62, 63], [30, 31]], [0, 0, 0, 0])
+    assert pair.onnx.calls["packed_prefill"] == 1 and live.rows == [0, None]
+    pair.decode([0, 1, 3, 4, 6], steps=4)
+    assert pair.onnx.calls["packed_prefill"] == 1
+
+
+def test_an_engine_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_engine_dir, tmp_path):
+    """An engine folder exported before prefill.onnx existed (or with it removed) still serves."""
+    old = tmp_path / "engine"
+    shutil.copytree(onnx_engine_dir, old, ignore=shutil.ignore_patterns("prefill.onnx"))
+    runner = OnnxRuntimeRunner(default_model_dir, num_slots=4, engine_dir=old, num_threads=1)
+    assert not runner.packs_prefill
+    expected = TorchModelRunner(default_model_dir, num_slots=4).forward([0, 1], [[5, 6, 7], [20]], [0, 0])
+    torch.testing.assert_close(runner.forward([0, 1], [[5, 6, 7], [20]], [0, 0]), expected, atol=1e-4, rtol=1e-4)
+    assert runner.calls == {"packed": 1}
 
 
 def test_a_released_slot_leaves_the_live_batch_without_being_stored(runners):
@@ -222,5 +247,6 @@ def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_engine_
         if runtime == "onnxruntime":  # sequences joined and left the live batch in place
             assert engine.runner.calls["joined"] >= 3 and engine.runner.calls["left"] >= 3
             assert engine.runner.calls["continued"] >= 10
+            assert engine.runner.calls["packed_prefill"] >= 1  # the ragged prompts of step 0
     assert results["onnxruntime"] == results["torch"]
     assert sorted(map(len, results["torch"].values())) == [8, 10, 12, 15, 20, 24, 30]

@@ -17,6 +17,17 @@ Runtime, and TensorRT built from it):
 Same modules, same fused weights as `TorchModelRunner`; only `Attention.attend` differs: each
 layer concatenates its past K/V with the new tokens' K/V (its `present` output) and attends
 over it under that mask rule.
+
+ONNX Runtime's engine has a second graph, `PackedPrefillGraph` (`prefill.onnx`), for prompts
+from empty caches: packed end to end into one row, no padding (the torch runner's
+`PackedPrefill` layout):
+
+- inputs: `input_ids`, `position_ids` int64 [1, tokens] (positions restart at 0 for each prompt);
+  `padded_index` int64 [tokens] (where each token sits in the prompts' padded [prompts * longest]
+  layout); `prompt_mask` int64 [prompts, longest] (1 = a real token of that prompt);
+  `last_index` int64 [prompts] (each prompt's last token among the packed ones).
+- outputs: `logits` float32 [prompts, vocab]; `present.{i}.key` / `.value`
+  [1, num_kv_heads, tokens, head_dim], the packed tokens' K/V in input order.
 """
 
 from __future__ import annotations
@@ -28,14 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.models import DecoderLM
+from llmserve.models.attention import packed_prompt_attention, prompt_causal_mask
 
 
 @dataclass(slots=True)
 class PastKV:
     """Stands in for the runner's `SlotKVCache`: the models only iterate its per-layer `k` and `v`."""
 
-    k: list[torch.Tensor]  # [B, Hkv, past_seq, D] each
-    v: list[torch.Tensor]
+    k: list[torch.Tensor | None]  # [B, Hkv, past_seq, D] each (None: no past, the packed prefill)
+    v: list[torch.Tensor | None]
 
 
 class PastPresentAttention:
@@ -84,6 +96,43 @@ class DecoderGraph(nn.Module):
         hidden = model(input_ids, position_ids, PastKV(list(past[0::2]), list(past[1::2])), attention)
         logits = model.compute_logits(hidden[:, -1]).float()
         return (logits, *attention.presents)
+
+
+class PackedPrefillAttention:
+    """Prompts packed into one row attend each to itself (`packed_prompt_attention`); collects
+    every layer's present K and V [1, Hkv, tokens, D] in order."""
+
+    def __init__(self, padded_index: torch.Tensor, prompt_mask: torch.Tensor, q_per_kv: int) -> None:
+        self.padded_index = padded_index
+        self.batch_size, self.max_len = prompt_mask.shape
+        self.mask = prompt_causal_mask(prompt_mask != 0, q_per_kv)
+        self.presents: list[torch.Tensor] = []
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_past: None, v_past: None,
+               scale: float) -> torch.Tensor:
+        self.presents += (k.transpose(1, 2), v.transpose(1, 2))
+        return packed_prompt_attention(q, k, v, self.padded_index, self.batch_size, self.max_len, self.mask, scale)
+
+
+class PackedPrefillGraph(nn.Module):
+    """forward(input_ids, position_ids, padded_index, prompt_mask, last_index) -> (logits of each
+    prompt's last token, present k0, present v0, ...): see the module docstring."""
+
+    def __init__(self, model: DecoderLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, padded_index: torch.Tensor,
+                prompt_mask: torch.Tensor, last_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        attention = PackedPrefillAttention(padded_index, prompt_mask, model.num_heads // model.num_kv_heads)
+        no_past = [None] * model.num_layers
+        hidden = model(input_ids, position_ids, PastKV(no_past, no_past), attention)
+        logits = model.compute_logits(hidden[0, last_index]).float()
+        return (logits, *attention.presents)
+
+
+PREFILL_INPUTS = ["input_ids", "position_ids", "padded_index", "prompt_mask", "last_index"]
 
 
 def input_names(num_layers: int) -> list[str]:

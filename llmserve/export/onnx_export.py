@@ -22,6 +22,7 @@ from llmserve.export.manifest import (DEFAULT_ENGINES_ROOT, MANIFEST, default_en
                                       write_manifest)
 
 MODEL_FILE = "model.onnx"
+PREFILL_FILE = "prefill.onnx"  # the packed-prefill graph (graph.py), ONNX Runtime's engine only
 # Opset 23 has Attention and RMSNormalization: ONNX Runtime runs them as single fused kernels
 # (about 1.5x faster decode than the MatMul/Softmax decomposition of opset 18 on the default model).
 DEFAULT_OPSET = 23
@@ -33,6 +34,7 @@ GRAPH_VERSION = 1
 EXTERNAL_DATA_BYTES = 1536 << 20
 # Sample sizes for tracing: all distinct and > 1, so no dimension is specialised or confused with another.
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 3, 5, 7
+_SAMPLE_PROMPT_LENGTHS = [2, 5, 3]
 
 
 class ExportError(RuntimeError):
@@ -89,21 +91,49 @@ def _dynamic_shapes(num_layers: int) -> tuple[Any, ...]:
             tuple({0: batch, 2: past_seq} for _ in range(2 * num_layers)))
 
 
-def _name_dimensions(proto, num_layers: int) -> None:
-    """Give the I/O dimensions the interface's names (batch, seq, past_seq) wherever the exporter
-    used its own symbols (s0, s1, ...), in every shape of the graph."""
+def _dimension_names(num_layers: int) -> dict[tuple[str, int], str]:
+    """(input, axis) -> the interface's name for that dimension (llmserve/export/graph.py)."""
+    names = {("input_ids", 0): "batch", ("input_ids", 1): "seq"}
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            names[(f"past_key_values.{i}.{kind}", 2)] = "past_seq"
+    names[("attention_mask", 1)] = "past_seq + seq"
+    return names
+
+
+def _prefill_sample_inputs(model) -> tuple[Any, ...]:
+    """Prompts of 2, 5 and 3 tokens: tokens (10), prompts (3) and longest (5) all distinct."""
+    import torch
+
+    from llmserve.models.attention import packed_layout
+
+    lengths = torch.tensor(_SAMPLE_PROMPT_LENGTHS)
+    layout = packed_layout(lengths, int(lengths.sum()), int(lengths.max()))
+    return (torch.randint(0, model.vocab_size, (1, int(lengths.sum()))), layout.positions.unsqueeze(0),
+            layout.padded_index, layout.valid.long(), layout.last_index)
+
+
+def _prefill_dynamic_shapes() -> tuple[Any, ...]:
+    from torch.export import Dim
+
+    tokens, prompts, longest = Dim("tokens"), Dim("prompts"), Dim("longest")
+    return ({1: tokens}, {1: tokens}, {0: tokens}, {0: prompts, 1: longest}, {0: prompts})
+
+
+_PREFILL_DIMENSION_NAMES = {("input_ids", 1): "tokens", ("prompt_mask", 0): "prompts", ("prompt_mask", 1): "longest"}
+
+
+def _name_dimensions(proto, wanted: dict[tuple[str, int], str]) -> None:
+    """Give the I/O dimensions the interface's names (`wanted`: (input, axis) -> name) wherever the
+    exporter used its own symbols (s0, s1, ...), in every shape of the graph."""
     names: dict[str, str] = {}
 
     def dims(value):
         return value.type.tensor_type.shape.dim
 
     inputs = {value.name: value for value in proto.graph.input}
-    for axis, name in ((0, "batch"), (1, "seq")):
-        names.setdefault(dims(inputs["input_ids"])[axis].dim_param, name)
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            names.setdefault(dims(inputs[f"past_key_values.{i}.{kind}"])[2].dim_param, "past_seq")
-    names.setdefault(dims(inputs["attention_mask"])[1].dim_param, "past_seq + seq")
+    for (input_name, axis), name in wanted.items():
+        names.setdefault(dims(inputs[input_name])[axis].dim_param, name)
     names.pop("", None)
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
     for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
@@ -112,10 +142,42 @@ def _name_dimensions(proto, num_layers: int) -> None:
                 dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
-def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int) -> bool:
-    """Whether out_dir holds this export of model_dir's current weights."""
+def _export_graph(module, sample: tuple[Any, ...], path: Path, *, input_names: list[str], output_names: list[str],
+                  dynamic_shapes: tuple[Any, ...], dimension_names: dict[tuple[str, int], str], opset: int,
+                  external_data: bool, model_dir: Path) -> None:
+    """Trace `module` to `path` (a valid ONNX file, dimensions named); ExportError naming the step
+    that failed."""
+    import onnx
+    import torch
+
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            # One eager run first: tables the model builds lazily (the rotary frequencies) are then
+            # real tensors, not fakes of the tracer that a later export would find.
+            module(*sample)
+            program = torch.onnx.export(
+                module, sample, None, dynamo=True, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False)
+        program.save(path, external_data=external_data)
+    except Exception as exc:  # the exporter's errors are long; keep the cause, name the step
+        raise ExportError(f"torch.onnx.export of {path.name} failed for {model_dir} ({type(exc).__name__}): "
+                          f"{exc}") from exc
+    proto = onnx.load(path, load_external_data=False)
+    _name_dimensions(proto, dimension_names)
+    onnx.save(proto, path)
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported {path.name} of {model_dir} is not valid ONNX: {exc}") from exc
+
+
+def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int, packed_prefill: bool = True) -> bool:
+    """Whether out_dir holds this export of model_dir's current weights (with the packed-prefill
+    graph when `packed_prefill`)."""
     manifest_path = out_dir / MANIFEST
     if not (out_dir / MODEL_FILE).is_file() or not manifest_path.is_file():
+        return False
+    if packed_prefill and not (out_dir / PREFILL_FILE).is_file():
         return False
     manifest = json.loads(manifest_path.read_text())
     wanted = {"graph_version": GRAPH_VERSION, "precision": precision, "opset": opset,
@@ -124,22 +186,25 @@ def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int) ->
 
 
 def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_ROOT, *, precision: str = "fp32",
-                opset: int = DEFAULT_OPSET, out_dir: str | Path | None = None, force: bool = True) -> Path:
+                opset: int = DEFAULT_OPSET, out_dir: str | Path | None = None, force: bool = True,
+                packed_prefill: bool = True) -> Path:
     """Export `model_dir` to `<out_root>/onnx/<model folder name>/` (or `out_dir`): model.onnx
-    (+ model.onnx.data for large models) and engine.json. Returns the folder. With force=False,
-    returns at once when the folder already holds this export of the model's current weights."""
+    (+ model.onnx.data for large models), prefill.onnx (the packed-prefill graph, unless
+    `packed_prefill` is False: TensorRT builds from model.onnx alone) and engine.json. Returns the
+    folder. With force=False, returns at once when the folder already holds this export of the
+    model's current weights."""
     if precision not in PRECISIONS:
         raise ExportError(f"the ONNX Runtime engine is built in {' / '.join(PRECISIONS)} only, not {precision!r} "
                           "(half precision and int8 are TensorRT's: `--runtime tensorrt`)")
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir) if out_dir is not None else default_engine_dir("onnxruntime", model_dir, out_root)
-    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset):
+    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset, packed_prefill=packed_prefill):
         return out_dir  # before the exporter's imports: a server start checks this every time
     _require_exporter()
     import onnx
     import torch
 
-    from llmserve.export.graph import DecoderGraph, input_names, output_names
+    from llmserve.export.graph import PREFILL_INPUTS, DecoderGraph, PackedPrefillGraph, input_names, output_names
     from llmserve.models import load_model, model_type_of
     from llmserve.models.hf_config import read_config
 
@@ -147,29 +212,21 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
         model = load_model(model_dir, dtype="float32", device="cpu")
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
         raise ExportError(f"cannot load the model in {model_dir}: {exc}") from exc
-    graph = DecoderGraph(model).eval()
     L = model.num_layers
+    external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     work = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")  # two builds at once never share it
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        try:
-            with torch.no_grad(), _quiet_exporter():
-                program = torch.onnx.export(
-                    graph, _sample_inputs(model), None, dynamo=True, input_names=input_names(L),
-                    output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L), opset_version=opset,
-                    optimize=True, verbose=False)
-            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            program.save(work / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
-        except Exception as exc:  # the exporter's errors are long; keep the cause, name the step
-            raise ExportError(f"torch.onnx.export failed for {model_dir} ({type(exc).__name__}): {exc}") from exc
-        proto = onnx.load(work / MODEL_FILE, load_external_data=False)
-        _name_dimensions(proto, L)
-        onnx.save(proto, work / MODEL_FILE)
-        try:
-            onnx.checker.check_model(str(work / MODEL_FILE))
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"the exported graph of {model_dir} is not valid ONNX: {exc}") from exc
+        _export_graph(DecoderGraph(model).eval(), _sample_inputs(model), work / MODEL_FILE,
+                      input_names=input_names(L), output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L),
+                      dimension_names=_dimension_names(L), opset=opset, external_data=external_data,
+                      model_dir=model_dir)
+        if packed_prefill:
+            _export_graph(PackedPrefillGraph(model).eval(), _prefill_sample_inputs(model), work / PREFILL_FILE,
+                          input_names=PREFILL_INPUTS, output_names=output_names(L),
+                          dynamic_shapes=_prefill_dynamic_shapes(), dimension_names=_PREFILL_DIMENSION_NAMES,
+                          opset=opset, external_data=external_data, model_dir=model_dir)
         write_manifest(work, {
             "format": "onnx",
             "graph_version": GRAPH_VERSION,
@@ -188,6 +245,7 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_RO
             "precision": precision,
             "inputs": input_names(L),
             "outputs": output_names(L),
+            "prefill_model": PREFILL_FILE if packed_prefill else None,
             "files": sorted(p.name for p in work.iterdir() if p.name != MANIFEST),
             "torch_version": torch.__version__,
             "onnx_version": onnx.__version__,

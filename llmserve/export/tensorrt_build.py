@@ -376,7 +376,8 @@ def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLik
 
     model_dir = Path(model_dir).resolve()
     plan_dir = default_engine_dir("tensorrt", model_dir, engines_root)
-    onnx_dir = export_onnx(model_dir, out_dir=plan_dir / "onnx", opset=TENSORRT_ONNX_OPSET, force=force)
+    onnx_dir = export_onnx(model_dir, out_dir=plan_dir / "onnx", opset=TENSORRT_ONNX_OPSET, force=force,
+                           packed_prefill=False)  # TensorRT builds from model.onnx alone
     return build_tensorrt(onnx_dir, plan_dir, precision=precision,
                           max_batch_size=max_batch_size or _serving_setting("max_num_seqs") or DEFAULT_MAX_BATCH_SIZE,
                           max_model_len=max_model_len or _serving_setting("max_model_len"),

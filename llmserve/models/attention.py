@@ -135,37 +135,72 @@ class PackedPrefill:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        _, N, H, D = q.shape
-        kv_heads = k.shape[2]
         k_cache[self.write_slots, :, self.write_positions] = k[0]
         v_cache[self.write_slots, :, self.write_positions] = v[0]
-        B, T, rep = self.batch_size, self.max_len, H // kv_heads
+        return packed_prompt_attention(q, k, v, self.padded_index, self.batch_size, self.max_len, self.mask, scale)
 
-        def padded(x: torch.Tensor) -> torch.Tensor:  # [1, N, heads, D] -> [B, T, heads, D]
-            out = x.new_zeros(B * T, x.shape[2], D)
-            out[self.padded_index] = x[0]
-            return out.view(B, T, x.shape[2], D)
 
-        queries = padded(q).view(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
-        out = F.scaled_dot_product_attention(queries, padded(k).transpose(1, 2), padded(v).transpose(1, 2),
-                                             attn_mask=self.mask, scale=scale)
-        out = out.view(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B * T, H * D)
-        return out[self.padded_index].unsqueeze(0)
+def packed_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded_index: torch.Tensor,
+                            batch_size: int, max_len: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Prompts packed end to end, q [1, N, H, D] and k, v [1, N, Hkv, D]: each prompt attends
+    causally to itself in a padded [B, T] layout (`padded_index` [N]: each token's place in
+    [B*T]; `mask` from `prompt_causal_mask`). Returns [1, N, H*D]. Shared by the torch runner
+    and the ONNX packed-prefill graph."""
+    H, D = q.shape[2:]
+    kv_heads = k.shape[2]
+    B, T, rep = batch_size, max_len, H // kv_heads
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [1, N, heads, D] -> [B, T, heads, D]
+        out = x.new_zeros(B * T, x.shape[2], D)
+        out[padded_index] = x[0]
+        return out.view(B, T, x.shape[2], D)
+
+    queries = padded(q).view(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
+    out = F.scaled_dot_product_attention(queries, padded(k).transpose(1, 2), padded(v).transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    out = out.view(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B * T, H * D)
+    return out[padded_index].unsqueeze(0)
+
+
+def prompt_causal_mask(valid: torch.Tensor, q_per_kv: int) -> torch.Tensor:
+    """The "may attend" mask [B, 1, T*q_per_kv, T] of prompts padded to [B, T] (`valid`: the real
+    tokens): causal within each prompt; padding queries (past a prompt's end) still see its real
+    keys, so no row is empty. Query heads sharing a KV head are folded as in cached_attention."""
+    B, T = valid.shape
+    offsets = torch.arange(T, device=valid.device)
+    mask = (offsets <= offsets.unsqueeze(1)) & valid.unsqueeze(1)  # [B, T, T]
+    if q_per_kv > 1:
+        mask = mask.unsqueeze(2).expand(B, T, q_per_kv, T).reshape(B, T * q_per_kv, T)
+    return mask.unsqueeze(1)
+
+
+@dataclass(slots=True, frozen=True)
+class PackedLayout:
+    """Where the tokens of prompts packed end to end sit (N tokens, B prompts, longest T)."""
+
+    segment: torch.Tensor  # [N] the prompt of each token
+    positions: torch.Tensor  # [N] each token's position in its own prompt
+    padded_index: torch.Tensor  # [N] where each token sits in the padded [B*T] layout
+    valid: torch.Tensor  # [B, T] bool: the real tokens of the padded layout
+    last_index: torch.Tensor  # [B] each prompt's last token among the N
+
+
+def packed_layout(lengths: torch.Tensor, total: int, max_len: int) -> PackedLayout:
+    """The layout of prompts of `lengths` [B]; `total` and `max_len` (their sum and max) come from
+    the host: no device sync."""
+    device = lengths.device
+    firsts = torch.cumsum(lengths, 0) - lengths
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
+    positions = torch.arange(total, device=device) - firsts[segment]
+    valid = torch.arange(max_len, device=device) < lengths.unsqueeze(1)
+    return PackedLayout(segment, positions, segment * max_len + positions, valid, firsts + lengths - 1)
 
 
 def plan_packed_prefill(*, slots: torch.Tensor, lengths: torch.Tensor, total: int, max_len: int,
                         q_per_kv: int) -> tuple[PackedPrefill, torch.Tensor]:
-    """The layout for prompts of `lengths` [B] into `slots` [B]. `total` and `max_len` (their sum
-    and max) come from the host: no device sync. Also returns each token's position [1, total]."""
-    device = lengths.device
-    B = len(lengths)
-    segment = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=total)
-    positions = torch.arange(total, device=device) - (torch.cumsum(lengths, 0) - lengths)[segment]
-    offsets = torch.arange(max_len, device=device)
-    # Causal; padding queries (past a prompt's end) still see its real keys, so no row is empty.
-    mask = (offsets <= offsets.unsqueeze(1)) & (offsets < lengths.view(B, 1, 1))  # [B, T, T]
-    if q_per_kv > 1:
-        mask = mask.unsqueeze(2).expand(B, max_len, q_per_kv, max_len).reshape(B, max_len * q_per_kv, max_len)
-    batch = PackedPrefill(slots.repeat_interleave(lengths, output_size=total), positions,
-                          segment * max_len + positions, B, max_len, mask.unsqueeze(1))
-    return batch, positions.unsqueeze(0)
+    """The layout for prompts of `lengths` [B] into `slots` [B] (see `packed_layout`). Also returns
+    each token's position [1, total]."""
+    layout = packed_layout(lengths, total, max_len)
+    batch = PackedPrefill(slots[layout.segment], layout.positions, layout.padded_index, len(lengths), max_len,
+                          prompt_causal_mask(layout.valid, q_per_kv))
+    return batch, layout.positions.unsqueeze(0)

@@ -3,19 +3,24 @@
 
 K/V handling (`PastPresentRunner`, shared with the TensorRT runner): a live decode batch whose
 present buffers are bound as the next call's past, and a per-slot store, written lazily, for
-everything else. I/O binding throughout: ONNX Runtime reads and writes torch-owned memory.
+everything else. Ragged prompts from empty caches run unpadded, packed end to end, through the
+engine's second graph (`prefill.onnx`, when it has one). I/O binding throughout: ONNX Runtime
+reads and writes torch-owned memory.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llmserve.export.manifest import check_engine, default_engine_dir
+from llmserve.model_runner import validate_token_ids
+from llmserve.models.attention import packed_layout
 from llmserve.models.hf_config import eos_token_ids, read_config
 from llmserve.runners.kv_store import Arena, SlotStore
 from llmserve.runners.past_present import PastPresentRunner
@@ -58,8 +63,13 @@ class OnnxRuntimeRunner(PastPresentRunner):
         self._kv_names = manifest["inputs"][3:]
         self._present_names = manifest["outputs"][1:]
         self._kv_shape = (manifest["num_kv_heads"], manifest["head_dim"])
-        self.session = ort.InferenceSession(str(engine_dir / MODEL_FILE), _session_options(ort, num_threads),
-                                            providers=["CPUExecutionProvider"])
+        options = _session_options(ort, num_threads)
+        self.session = ort.InferenceSession(str(engine_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        prefill_file = manifest.get("prefill_model")
+        self.packs_prefill = bool(prefill_file) and (engine_dir / prefill_file).is_file()
+        self.prefill_session = (ort.InferenceSession(str(engine_dir / prefill_file), options,
+                                                     providers=["CPUExecutionProvider"])
+                                if self.packs_prefill else None)
         n = len(self._kv_names)
         self.store = SlotStore(num_tensors=n, num_slots=num_slots, num_kv_heads=self._kv_shape[0],
                                max_len=self.max_model_len, head_dim=self._kv_shape[1])
@@ -70,24 +80,49 @@ class OnnxRuntimeRunner(PastPresentRunner):
         self.calls = Counter()
         # I/O binding through ONNX Runtime's C bindings (the pinned version's `_sess` and
         # `SessionIOBinding`): the Python wrapper re-resolves the device on every bind, ~50 us a step.
-        self._c_session = self.session._sess
-        self._binding = ort.capi.onnxruntime_pybind11_state.SessionIOBinding(self._c_session)
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._graphs = {name: (session._sess, ort.capi.onnxruntime_pybind11_state.SessionIOBinding(session._sess))
+                        for name, session in (("decoder", self.session), ("prefill", self.prefill_session))
+                        if session is not None}
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor],
-             present: list[torch.Tensor]) -> torch.Tensor:
-        logits = torch.empty(ids.shape[0], self.vocab_size)
-        binding, cpu = self._binding, self._cpu
-        for name, tensor in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask)):
+    def _execute(self, graph: str, inputs: list[tuple[str, torch.Tensor]], kv_inputs: list[torch.Tensor],
+                 logits: torch.Tensor, present: list[torch.Tensor]) -> None:
+        """Run one of the graphs on torch-owned memory: int64 `inputs` by name, then the K/V inputs
+        (past, in the manifest's order; none for the prefill graph), into `logits` and `present`."""
+        session, binding = self._graphs[graph]
+        cpu = self._cpu
+        for name, tensor in inputs:
             binding.bind_input(name, cpu, np.int64, tuple(tensor.shape), tensor.data_ptr())
-        shape = tuple(past[0].shape)
-        for name, tensor in zip(self._kv_names, past):
-            binding.bind_input(name, cpu, np.float32, shape, tensor.data_ptr())
+        if kv_inputs:
+            shape = tuple(kv_inputs[0].shape)
+            for name, tensor in zip(self._kv_names, kv_inputs):
+                binding.bind_input(name, cpu, np.float32, shape, tensor.data_ptr())
         binding.bind_output("logits", cpu, np.float32, tuple(logits.shape), logits.data_ptr())
         shape = tuple(present[0].shape)
         for name, tensor in zip(self._present_names, present):
             binding.bind_output(name, cpu, np.float32, shape, tensor.data_ptr())
-        self._c_session.run_with_iobinding(binding, None)
+        session.run_with_iobinding(binding, None)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor],
+             present: list[torch.Tensor]) -> torch.Tensor:
+        logits = torch.empty(ids.shape[0], self.vocab_size)
+        self._execute("decoder", [("input_ids", ids), ("position_ids", positions), ("attention_mask", mask)],
+                      past, logits, present)
+        return logits
+
+    def _run_packed_prefill(self, slots: list[int], token_ids: Sequence[Sequence[int]],
+                            lens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([[t for tokens in token_ids for t in tokens]])
+        validate_token_ids(ids, self.vocab_size)
+        total = ids.shape[1]
+        layout = packed_layout(torch.tensor(lens), total, max(lens))
+        logits = torch.empty(len(lens), self.vocab_size)
+        present = self._arenas[3].views((1, *self._kv_head_shape(total)))
+        self._execute("prefill", [("input_ids", ids), ("position_ids", layout.positions.unsqueeze(0)),
+                                  ("padded_index", layout.padded_index), ("prompt_mask", layout.valid.long()),
+                                  ("last_index", layout.last_index)], [], logits, present)
+        firsts = (layout.last_index + 1 - torch.tensor(lens)).tolist()
+        self.store.scatter(present, slots, [0] * len(slots), lens, firsts, rows=[0] * len(slots))
         return logits
 
 

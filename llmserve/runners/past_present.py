@@ -71,7 +71,9 @@ class PastPresentRunner:
     # Columns of past every call gets at least (masked zero columns when the rows have less):
     # TensorRT's profiles take no zero-size dimension.
     min_past = 0
-    packs_prefill = False  # prompts are left padded: the engine groups them by length
+    # Whether ragged prompts from empty caches go in one unpadded pass (`_run_packed_prefill`);
+    # otherwise they are left padded and the engine groups them by length.
+    packs_prefill = False
     device: torch.device
     # The largest prefill call one run of the graph takes (TensorRT's prefill profile); larger
     # calls run in parts: row sub-batches, then token chunks (chunked prefill). None = no limit.
@@ -85,7 +87,8 @@ class PastPresentRunner:
     _kv_shape: tuple[int, int]
     _live: LiveDecode | None
     # How the calls went (tests, profiling): "continued" (live steps), "joined" and "left" (sequences
-    # that joined or left the live batch in place), "repacked" (live batches rebuilt), "packed".
+    # that joined or left the live batch in place), "repacked" (live batches rebuilt), "packed",
+    # "packed_prefill" (unpadded prompt passes).
     calls: Counter[str]
 
     @torch.inference_mode()
@@ -98,6 +101,10 @@ class PastPresentRunner:
         T = max(lens)
         if T > 1 and (len(slots) > (self.max_prefill_rows or len(slots)) or T > (self.max_prefill_tokens or T)):
             return self._forward_in_parts(slots, token_ids, starts, lens)
+        if self.packs_prefill and min(lens) != T and not any(starts):
+            self._leave_live(slots, starts)
+            self.calls["packed_prefill"] += 1
+            return self._run_packed_prefill(slots, token_ids, lens)
         ids = torch.tensor([[*[0] * (T - len(t)), *t] for t in token_ids] if min(lens) != T else token_ids)
         validate_token_ids(ids, self.vocab_size)
         live = self._live
@@ -110,11 +117,8 @@ class PastPresentRunner:
             self.calls["repacked"] += 1
             self._store_rows(live, list(live.row_of().values()))
             self._live = None
-        elif live is not None:  # the rows of the slots this call touches leave the live batch
-            row_of = live.row_of()
-            touched = [(row_of[slot], start > 0) for slot, start in zip(slots, starts) if slot in row_of]
-            if touched:
-                self._vacate(live, [row for row, _ in touched], [keep for _, keep in touched])
+        else:
+            self._leave_live(slots, starts)
         self.calls["packed"] += 1
         return self._run_packed(slots, ids, starts, lens, decode)
 
@@ -124,6 +128,17 @@ class PastPresentRunner:
         live = self._live
         if live is not None and slot in live.rows:
             self._vacate(live, [live.rows.index(slot)], [False])
+
+    def _leave_live(self, slots: list[int], starts: list[int]) -> None:
+        """The rows of the slots a call other than a decode touches leave the live batch (their K/V
+        stored when the call continues it)."""
+        live = self._live
+        if live is None:
+            return
+        row_of = live.row_of()
+        touched = [(row_of[slot], start > 0) for slot, start in zip(slots, starts) if slot in row_of]
+        if touched:
+            self._vacate(live, [row for row, _ in touched], [keep for _, keep in touched])
 
     def _forward_in_parts(self, slots: list[int], token_ids: Sequence[Sequence[int]], starts: list[int],
                           lens: list[int]) -> torch.Tensor:
@@ -249,6 +264,12 @@ class PastPresentRunner:
     def _kv_head_shape(self, width: int) -> tuple[int, int, int]:
         heads, head_dim = self._kv_shape
         return heads, width, head_dim
+
+    def _run_packed_prefill(self, slots: list[int], token_ids: Sequence[Sequence[int]],
+                            lens: list[int]) -> torch.Tensor:
+        """Ragged prompts from empty caches in one unpadded pass, their K/V written to the store
+        (runners whose `packs_prefill` is set). Returns float32 logits [B, vocab]."""
+        raise NotImplementedError
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor],
              present: list[torch.Tensor]) -> torch.Tensor:
