@@ -148,7 +148,7 @@ def test_packed_prefill_graph_matches_torch(exported):
     expected = runner.forward(slots, PROMPTS, [0] * len(PROMPTS))
     _close(logits, expected)
     # One decode step on model.onnx from the packed K/V, left padded into a past.
-    P, firsts = int(lengths.max()), (layout.last_index + 1 - lengths).tolist()
+    P, firsts = int(lengths.max()), layout.firsts.tolist()
     past = [np.zeros((len(PROMPTS), *t.shape[1:2], P, t.shape[3]), np.float32) for t in present]
     mask = np.zeros((len(PROMPTS), P), np.int64)
     for b, (first, n) in enumerate(zip(firsts, lengths.tolist())):

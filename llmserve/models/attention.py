@@ -182,6 +182,7 @@ class PackedLayout:
     positions: torch.Tensor  # [N] each token's position in its own prompt
     padded_index: torch.Tensor  # [N] where each token sits in the padded [B*T] layout
     valid: torch.Tensor  # [B, T] bool: the real tokens of the padded layout
+    firsts: torch.Tensor  # [B] each prompt's first token among the N
     last_index: torch.Tensor  # [B] each prompt's last token among the N
 
 
@@ -193,7 +194,7 @@ def packed_layout(lengths: torch.Tensor, total: int, max_len: int) -> PackedLayo
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
     positions = torch.arange(total, device=device) - firsts[segment]
     valid = torch.arange(max_len, device=device) < lengths.unsqueeze(1)
-    return PackedLayout(segment, positions, segment * max_len + positions, valid, firsts + lengths - 1)
+    return PackedLayout(segment, positions, segment * max_len + positions, valid, firsts, firsts + lengths - 1)
 
 
 def plan_packed_prefill(*, slots: torch.Tensor, lengths: torch.Tensor, total: int, max_len: int,

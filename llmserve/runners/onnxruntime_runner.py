@@ -121,8 +121,7 @@ class OnnxRuntimeRunner(PastPresentRunner):
         self._execute("prefill", [("input_ids", ids), ("position_ids", layout.positions.unsqueeze(0)),
                                   ("padded_index", layout.padded_index), ("prompt_mask", layout.valid.long()),
                                   ("last_index", layout.last_index)], [], logits, present)
-        firsts = (layout.last_index + 1 - torch.tensor(lens)).tolist()
-        self.store.scatter(present, slots, [0] * len(slots), lens, firsts, rows=[0] * len(slots))
+        self.store.scatter(present, slots, [0] * len(slots), lens, layout.firsts.tolist(), rows=[0] * len(slots))
         return logits
 
 
