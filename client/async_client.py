@@ -292,8 +292,7 @@ class AsyncClient:
             async with asyncio.timeout_at(deadline):
                 return await call.read()
         except TimeoutError:
-            raise RequestTimeoutError(f"the request did not finish within the client's timeout of "
-                                      f"{self.timeout:g} s", "DEADLINE_EXCEEDED") from None
+            raise RequestTimeoutError.after(self.timeout) from None
         except grpc.RpcError as exc:
             raise from_triton_exception(get_error_grpc(exc), url=self.url) from exc
         except asyncio.CancelledError:

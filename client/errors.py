@@ -66,6 +66,11 @@ class ServerUnavailableError(ClientError):
 class RequestTimeoutError(ClientError):
     """The request did not finish, or the next chunk did not arrive, in time."""
 
+    @classmethod
+    def after(cls, timeout: float | None) -> RequestTimeoutError:
+        """The client's own timeout ran out (a gRPC deadline would have said DEADLINE_EXCEEDED)."""
+        return cls(f"the request did not finish within the client's timeout of {timeout:g} s", "DEADLINE_EXCEEDED")
+
 
 class GenerationCancelledError(ClientError):
     """The request was cancelled before it produced its final response."""

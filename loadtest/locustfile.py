@@ -28,11 +28,20 @@ import grpc.experimental.gevent as grpc_gevent
 import locust.stats
 from locust import User, events, task
 
+# Native threads gevent may run for grpc: two per user (its stream, a stop request) at the
+# step load's most users (defaults.STEP_MAX_USERS, 256), with room to spare. Started on demand.
+GEVENT_THREADS = 1024
+
 # locust has monkey-patched the standard library (import above); grpc's C core
 # must also do its I/O through gevent, before any channel exists. Without this
 # the first stream blocks the gevent hub and every user hangs (measured: the
 # sync client deadlocks under monkey-patching without it).
 grpc_gevent.init_gevent()
+# That integration waits on each channel's completion queue in a thread of gevent's native
+# pool, one per channel with a call in progress: every user's stream. gevent's default of 10
+# threads left the other streams' responses queued there: at ~120 users no first token arrived
+# for 10 s, and locust took from 44 s to over 7 minutes to stop its users (README "Load testing").
+gevent.get_hub().threadpool.maxsize = GEVENT_THREADS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` from any working directory
 

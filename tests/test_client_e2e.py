@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -465,6 +466,87 @@ def test_async_client_does_not_reuse_a_timed_out_stream(triton_server):
             assert (await aclient.generate(PROMPT, max_tokens=2, min_tokens=2)).num_output_tokens == 2
 
     asyncio.run(run())
+
+
+def test_sync_client_reuses_a_stream_for_the_next_request(triton_server, sequential_texts):
+    """`Client` keeps a request's stream open for the next one as `AsyncClient` does: after the
+    final response and after leaving early (stopped and drained), not after an error or a timeout
+    (the connection is kept, the stream ended); threads take a connection each; a stream that
+    ended while idle is replaced."""
+    prompt = CONCURRENT_PROMPTS[0]
+
+    def text(client: Client, prompt: str) -> str:
+        return client.generate(prompt, max_tokens=24, **GREEDY).text
+
+    def idle_streams(client: Client) -> list:
+        return [c.triton._stream for c in client._pool._idle if c.stream_is_open()]
+
+    with Client(triton_server.grpc_url) as client:
+        assert text(client, prompt) == sequential_texts[prompt]
+        streams = idle_streams(client)
+        assert len(streams) == 1
+        assert text(client, prompt) == sequential_texts[prompt]
+        assert idle_streams(client) == streams
+        with cancelled_on_server(triton_server), contextlib.closing(client.stream(PROMPT, **LONG)) as chunks:
+            next(chunks)
+        assert idle_streams(client) == streams  # stopped, drained to its final response, kept
+        assert text(client, prompt) == sequential_texts[prompt]  # nothing of the stopped one
+        with pytest.raises(BadRequestError, match="temperature"):
+            client.generate(prompt, max_tokens=8, temperature=-1.0)
+        assert not idle_streams(client) and len(client._pool._idle) == 1  # stream ended, connection kept
+        assert text(client, prompt) == sequential_texts[prompt]
+        with ThreadPoolExecutor(len(CONCURRENT_PROMPTS)) as threads:
+            texts = list(threads.map(lambda p: text(client, p), CONCURRENT_PROMPTS))
+        assert dict(zip(CONCURRENT_PROMPTS, texts)) == sequential_texts
+        streams = idle_streams(client)
+        assert 1 < len(streams) <= len(CONCURRENT_PROMPTS)
+        for stream in streams:  # as a restarted server or a dropped connection would
+            stream._response_iterator.cancel()
+        assert wait_until(lambda: not idle_streams(client))
+        assert text(client, prompt) == sequential_texts[prompt]
+        kept = client._pool._idle[-1].triton._stream
+        assert kept not in streams and idle_streams(client) == [kept]
+
+
+def test_sync_client_ends_streams_left_idle(triton_server, monkeypatch):
+    """An open stream holds up tritonserver's graceful shutdown, so one left unused is ended
+    (its connection stays pooled), and the janitor thread that ends it stops."""
+    monkeypatch.setattr("client.sync_client.IDLE_STREAM_TIMEOUT_S", 0.05)
+    with Client(triton_server.grpc_url) as client:
+        client.generate(PROMPT, max_tokens=2)
+        [connection] = client._pool._idle
+        assert connection.has_stream()
+        assert wait_until(lambda: not connection.has_stream(), 2.0)  # half-closed and ended by the server
+        assert wait_until(lambda: client._pool._janitor is None, 2.0)
+        assert client._pool._idle == [connection]
+        assert client.generate(PROMPT, max_tokens=2, min_tokens=2).num_output_tokens == 2
+        assert client._pool._idle == [connection] and connection.stream_is_open()
+
+
+def test_sync_client_does_not_reuse_a_timed_out_stream(triton_server):
+    with Client(triton_server.grpc_url, timeout=SHORT_TIMEOUT) as client, cancelled_on_server(triton_server):
+        with pytest.raises(RequestTimeoutError, match="timeout"):
+            client.generate(PROMPT, **LONG)
+        assert not any(c.has_stream() for c in client._pool._idle)  # cancelled, as a gRPC deadline would
+
+
+def test_sync_client_opens_a_stream_per_request_under_gevent(triton_server):
+    """Under gevent's monkey-patching idle open streams slowed everyone down, so there `Client`
+    ends each request's stream (and still reuses the connection)."""
+    script = f"""
+from gevent import monkey; monkey.patch_all()
+import grpc.experimental.gevent; grpc.experimental.gevent.init_gevent()
+from client import Client
+with Client({triton_server.grpc_url!r}) as client:
+    assert client.generate("Once upon a time", max_tokens=4, min_tokens=4).num_output_tokens == 4
+    [connection] = client._pool._idle
+    assert not connection.has_stream()
+    assert client.generate("Once upon a time", max_tokens=4, min_tokens=4).num_output_tokens == 4
+    assert client._pool._idle == [connection]
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -99,6 +99,20 @@ def test_step_load_stops_at_the_first_step_over_the_threshold():
         StepSettings(step_users=4, step_time_s=10, ttft_p95_ms=500, max_users=2)
 
 
+def test_locustfile_gives_grpc_a_native_thread_per_stream():
+    """grpc's gevent integration waits on each channel in a thread of gevent's native pool; with
+    gevent's default of 10, streams past the tenth stalled (no first token for 10 s at ~120 users,
+    minutes to stop the users). The locustfile must leave room for every user's stream and stop
+    request at the step load's most users. Imported in a subprocess: locust monkey-patches."""
+    script = ("import gevent, loadtest.locustfile; from loadtest import defaults; "
+              "print(gevent.get_hub().threadpool.maxsize, defaults.STEP_MAX_USERS)")
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    threads, max_users = map(int, run.stdout.split())
+    assert threads >= 2 * max_users
+
+
 def _run_loadtest(triton_server, out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "loadtest.run", "--host", triton_server.grpc_url,
