@@ -30,6 +30,7 @@ from ._common import (
     DEFAULT_STOP_TIMEOUT,
     DEFAULT_URL,
     STREAM_HEADERS,
+    TritonClient,
     check_timeout,
     normalize_url,
     send_stop,
@@ -69,7 +70,7 @@ class _Connection:
     """
 
     def __init__(self, url: str) -> None:
-        self.triton = grpcclient.InferenceServerClient(url)
+        self.triton = TritonClient(url)
         self.responses: queue.SimpleQueue[_Response] = queue.SimpleQueue()
         self.idle_since = 0.0
 

@@ -534,6 +534,7 @@ def test_sync_client_opens_a_stream_per_request_under_gevent(triton_server):
     """Under gevent's monkey-patching idle open streams slowed everyone down, so there `Client`
     ends each request's stream (and still reuses the connection)."""
     script = f"""
+import faulthandler; faulthandler.dump_traceback_later(40, exit=True)  # where it hangs, if it does
 from gevent import monkey; monkey.patch_all()
 import grpc.experimental.gevent; grpc.experimental.gevent.init_gevent()
 from client import Client

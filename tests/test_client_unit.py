@@ -7,10 +7,12 @@ and a real connection-refused round trip against a port nothing listens on.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, serialize_byte_tensor
 
@@ -28,7 +30,7 @@ from client import (
     StreamChunk,
     errors,
 )
-from client._common import normalize_url, send_stop
+from client._common import TritonClient, normalize_url, send_stop
 from client._tensors import ChunkAssembler, _first_values, build_request, build_stop_inputs
 from llmserve.launcher import free_port
 
@@ -419,3 +421,16 @@ def test_closed_client_refuses_new_streams():
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         next(client.stream("hi"))
+
+
+def test_tritonclient_clients_close_once(monkeypatch):
+    """tritonclient's `__del__` closes a client again after `close()`; a gRPC channel closed twice
+    under grpc's gevent integration hung the process at exit, so the clients' wrapper closes once."""
+    closes = []
+    monkeypatch.setattr(grpcclient.InferenceServerClient, "close", lambda self: closes.append(self))
+    triton = TritonClient(f"127.0.0.1:{free_port()}")
+    triton.close()
+    triton.close()
+    del triton
+    gc.collect()
+    assert len(closes) == 1
