@@ -29,7 +29,8 @@ import locust.stats
 from locust import User, events, task
 
 # Native threads gevent may run for grpc: two per user (its stream, a stop request) at the
-# step load's most users (defaults.STEP_MAX_USERS, 256), with room to spare. Started on demand.
+# step load's most users (defaults.STEP_MAX_USERS, 256), with room to spare; raised at start
+# for runs of more users (`_check_options`). Started on demand.
 GEVENT_THREADS = 1024
 
 # locust has monkey-patched the standard library (import above); grpc's C core
@@ -90,6 +91,8 @@ def _check_options(environment, **_kwargs) -> None:
     if not options.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0, got {options.request_timeout}")
     _prompt_set(options.prompts)  # a bad file fails before any user starts
+    most_users = max(options.num_users or 0, getattr(options, "step_max_users", 0) or 0)
+    gevent.get_hub().threadpool.maxsize = max(GEVENT_THREADS, 2 * most_users)
 
 
 # Successful samples by event name, at 1% resolution (locust keeps whole milliseconds).
