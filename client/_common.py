@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import queue
 
@@ -24,18 +26,49 @@ DEFAULT_STOP_TIMEOUT = 1.0
 STREAM_HEADERS: dict[str, str] = {}
 
 
+# Clients the garbage collector found open, closed at the next safe point (see TritonClient.__del__).
+# A deque: appending and popping are atomic, so `__del__` takes no lock.
+_abandoned: collections.deque[TritonClient] = collections.deque()
+
+
+def close_abandoned_clients() -> None:
+    """Close the clients that were dropped without `close()`; called where no grpc lock is held."""
+    while True:
+        try:
+            client = _abandoned.popleft()
+        except IndexError:
+            return
+        with contextlib.suppress(Exception):
+            client.close()
+
+
 class TritonClient(grpcclient.InferenceServerClient):
-    """tritonclient's sync client, closed at most once. Its `__del__` closes it again after
-    `close()`, and under grpc's gevent integration each close of a channel also lowers a count
-    of open channels: closing one twice hung a gevent process at exit (1 run in 4) in that count's
-    bookkeeping (grpc 1.85)."""
+    """tritonclient's sync client, closed at most once, and never by the garbage collector.
+
+    tritonclient's `__del__` closes the client (a second time after `close()`: under grpc's
+    gevent integration each close also lowers a count of open channels, and closing one twice hung
+    a gevent process at exit, 1 run in 4; grpc 1.85). And a close from the garbage collector, which
+    runs wherever an allocation triggers it, deadlocked a locust process in `tests/test_loadtest.py`
+    on a grpc mutex (py-spy: `gc_collect_main` -> `__del__` -> `Channel._close` ->
+    `pthread_mutex_lock`). grpc's own `Channel.__del__` does not
+    close for this reason. So a client dropped while open is kept and closed by the next client
+    created, or by `Client.close()`.
+    """
 
     _closed = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        close_abandoned_clients()
+        super().__init__(*args, **kwargs)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             super().close()
+
+    def __del__(self) -> None:
+        if not self._closed and hasattr(self, "_channel"):  # _channel: __init__ got that far
+            _abandoned.append(self)  # resurrected until then; its __del__ does not run again
 
 
 def normalize_url(url: str) -> str:

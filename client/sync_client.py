@@ -32,6 +32,7 @@ from ._common import (
     STREAM_HEADERS,
     TritonClient,
     check_timeout,
+    close_abandoned_clients,
     normalize_url,
     send_stop,
 )
@@ -222,6 +223,7 @@ class Client:
     def close(self) -> None:
         """Close the idle connections; requests still running close theirs when done."""
         self._pool.close()
+        close_abandoned_clients()
 
     def health(self) -> bool:
         """True when the server is live and the model is ready; never raises for a down server."""
@@ -301,15 +303,19 @@ class Client:
     def _end_request(self, connection: _Connection, request: PreparedRequest, assembler: ChunkAssembler, *,
                      stop: bool, drain: bool) -> None:
         completed = assembler.done
-        if not completed and stop and drain and self.stop_model:
-            # Stop the request on the server, then let it end normally: cancelling a streaming RPC
-            # while responses are in flight can crash Triton 2.51's gRPC frontend
-            # (triton-inference-server/server#7840, #8034). Cancelling is the fallback.
-            completed = (send_stop(self.url, request.request_id, model=self.stop_model, timeout=self.stop_timeout)
-                         and _drain(connection.responses, assembler, self.stop_timeout))
-            stop = False
-        # Not completed: cancel the RPC for real, the server notices and stops generating.
-        self._pool.release(connection, cancel_stream=not completed)
+        try:
+            if not completed and stop and drain and self.stop_model:
+                # Stop the request on the server, then let it end normally: cancelling a streaming RPC
+                # while responses are in flight can crash Triton 2.51's gRPC frontend
+                # (triton-inference-server/server#7840, #8034). Cancelling is the fallback.
+                completed = (send_stop(self.url, request.request_id, model=self.stop_model,
+                                       timeout=self.stop_timeout)
+                             and _drain(connection.responses, assembler, self.stop_timeout))
+                stop = False
+        finally:
+            # Not completed (a killed greenlet or Ctrl-C in the stop included): cancel the RPC for
+            # real, the server notices and stops generating. Always given back: never left open.
+            self._pool.release(connection, cancel_stream=not completed)
         if stop and self.stop_model:
             send_stop(self.url, request.request_id, model=self.stop_model, timeout=self.stop_timeout)
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmserve.launcher import TritonServer, model_env
+from llmserve.launcher import TritonServer, exec_with_parent, model_env
 from loadtest import defaults
 from loadtest.histogram import FINE_PERCENTILES, read_percentiles
 from loadtest.prompts import DEFAULT_PROMPTS
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         started = datetime.datetime.now(datetime.timezone.utc)
         cmd = locust_command(args, host, extra)
         print("$ " + " ".join(cmd[1:]), flush=True)
-        rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
+        # locust ends with this process, even when this one is killed.
+        rc = subprocess.run(exec_with_parent(cmd), cwd=REPO_ROOT).returncode
         server_checks, problem = _server_checks(metrics_url, cancelled_before) if metrics_url else ({}, None)
         if args.host is None and server.process.poll() is not None:
             problem = (f"tritonserver exited during the run (code {server.process.returncode}); "

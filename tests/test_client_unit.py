@@ -30,7 +30,8 @@ from client import (
     StreamChunk,
     errors,
 )
-from client._common import TritonClient, normalize_url, send_stop
+from client import sync_client
+from client._common import TritonClient, close_abandoned_clients, normalize_url, send_stop
 from client._tensors import ChunkAssembler, _first_values, build_request, build_stop_inputs
 from llmserve.launcher import free_port
 
@@ -434,3 +435,49 @@ def test_tritonclient_clients_close_once(monkeypatch):
     del triton
     gc.collect()
     assert len(closes) == 1
+
+
+def test_a_dropped_open_client_is_closed_later_never_by_the_garbage_collector(monkeypatch):
+    """A close from the garbage collector deadlocked a locust process on a grpc mutex its thread held:
+    a client dropped open (here in a reference cycle, as a stream's callback makes one) is kept and
+    closed by the next client created, or by `Client.close()`."""
+    closes = []
+    monkeypatch.setattr(grpcclient.InferenceServerClient, "close", lambda self: closes.append(self))
+    url = f"127.0.0.1:{free_port()}"
+    triton = TritonClient(url)
+    triton.cycle = triton
+    del triton
+    gc.collect()
+    assert closes == []  # not from the collector
+    TritonClient(url).close()
+    assert len(closes) == 2  # the dropped one first, then the new one
+
+    dropped = TritonClient(url)
+    dropped.cycle = dropped
+    del dropped
+    gc.collect()
+    Client(url).close()
+    assert len(closes) == 3
+    close_abandoned_clients()
+    assert len(closes) == 3  # closed once
+
+
+def test_a_stop_interrupted_by_a_kill_still_gives_the_connection_back(monkeypatch):
+    """A greenlet killed (or Ctrl-C) while its request is being stopped: the connection is still
+    released, its stream cancelled, rather than dropped open."""
+    released = []
+
+    class Pool:
+        def release(self, connection, *, cancel_stream=False):
+            released.append((connection, cancel_stream))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sync_client, "send_stop", killed)
+    client = Client(f"127.0.0.1:{free_port()}")
+    client._pool = Pool()
+    request = build_request("hi", {"max_tokens": 4})
+    with pytest.raises(KeyboardInterrupt):
+        client._end_request("connection", request, ChunkAssembler(4), stop=True, drain=True)
+    assert released == [("connection", True)]

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,10 +115,19 @@ def test_locustfile_gives_grpc_a_native_thread_per_stream():
 
 
 def _run_loadtest(triton_server, out, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "loadtest.run", "--host", triton_server.grpc_url,
-         "--metrics-url", triton_server.metrics_url, "--out", str(out), *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    """Run `loadtest.run` in a process group of its own; on a timeout the whole group (its locust
+    included) is killed, and the test fails with what it printed."""
+    cmd = [sys.executable, "-m", "loadtest.run", "--host", triton_server.grpc_url,
+           "--metrics-url", triton_server.metrics_url, "--out", str(out), *args]
+    with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"loadtest.run did not end within 240 s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def _rows(path) -> dict[str, dict[str, str]]:
