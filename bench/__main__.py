@@ -19,7 +19,7 @@ from bench import engine_limit, loadgen, report
 from bench.metrics import summarize
 from bench.prompts import PROMPTS
 from llmserve.memory import freeze_startup_objects
-from llmserve.settings import DEFAULT_RUNTIME
+from llmserve.settings import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,8 @@ class EngineSystem:
         self.args = args
         self.name = "engine" if transit_ms is None else f"engine[transit {transit_ms[0]:g}-{transit_ms[1]:g} ms]"
         self.transit_s = (0.0, 0.0) if transit_ms is None else (transit_ms[0] / 1e3, transit_ms[1] / 1e3)
-        self.engine = engine_limit.make_engine(args.model_dir, max(args.concurrency), args.runtime)
+        # The server's slots: as many sequences at once, and as many prompts kept for the prefix cache.
+        self.engine = engine_limit.make_engine(args.model_dir, DEFAULT_MAX_NUM_SEQS, args.runtime)
 
     def __enter__(self) -> EngineSystem:
         engine_limit.run_level(self.engine, PROMPTS, 2, 1, 8)  # warm-up
@@ -48,6 +49,10 @@ class EngineSystem:
     def run_level(self, concurrency: int):
         return engine_limit.run_level(self.engine, PROMPTS, concurrency, requests_per_worker(self.args, concurrency),
                                       self.args.max_tokens, self.transit_s)
+
+    def prompt_tokens(self) -> tuple[float, float]:
+        """(prompt tokens admitted, those whose K/V came from the prefix cache) so far."""
+        return self.engine.stats.prompt_tokens, self.engine.stats.prefix_cached_tokens
 
 
 class _ServedSystem:
@@ -74,6 +79,9 @@ class _ServedSystem:
     def close_client(self) -> None:
         pass
 
+    def prompt_tokens(self) -> tuple[float, float] | None:
+        return None
+
 
 class TritonSystem(_ServedSystem):
     def __init__(self, args, name: str = "triton", settings: dict[str, str] | None = None) -> None:
@@ -94,6 +102,12 @@ class TritonSystem(_ServedSystem):
     def close_client(self) -> None:
         if self.client is not None:
             self.loop.run_until_complete(self.client.close())
+
+    def prompt_tokens(self) -> tuple[float, float]:
+        from tests.ensemble_requests import metric
+
+        url = self.server.metrics_url
+        return metric(url, "llm_prompt_tokens_total"), metric(url, "llm_prefix_cache_hit_tokens_total")
 
 
 class NaiveSystem(_ServedSystem):
@@ -182,11 +196,20 @@ def main(argv: list[str] | None = None) -> None:
         # rotated: ratios compare runs seconds apart, on a machine whose speed drifts.
         for c in args.concurrency:
             runs: dict[str, list] = {system.name: [] for system in systems}
+            prompt_tokens = {system.name: [0.0, 0.0] for system in systems}  # admitted, from the prefix cache
             for repeat in range(args.repeats):
                 for system in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
+                    before = system.prompt_tokens()
                     runs[system.name].append(system.run_level(c))
+                    if before is not None:
+                        for i, (old, new) in enumerate(zip(before, system.prompt_tokens())):
+                            prompt_tokens[system.name][i] += new - old
             for system in systems:
-                _store(results, system.name, c, summarize(runs[system.name]))
+                summary = summarize(runs[system.name])
+                admitted, cached = prompt_tokens[system.name]
+                if admitted:
+                    summary["prefix_cached_share"] = cached / admitted
+                _store(results, system.name, c, summary)
     results["ratios"] = report.ratios(results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = report.markdown(results)

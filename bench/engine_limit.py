@@ -66,10 +66,12 @@ def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_
 
 
 def prefill_ms(engine: LLMEngine, prompt: str, repeats: int = 20) -> float:
-    """Median time of the engine step that prefills `prompt` alone and samples its first token."""
+    """Median time of the engine step that prefills `prompt` alone and samples its first token (all
+    of it: the prefix cache is emptied first)."""
     params = SamplingParams(max_tokens=2)
     times = []
     for _ in range(repeats):
+        engine.reset_prefix_cache()
         seq = engine.add_request("prefill", engine.encode(prompt), params)
         start = time.perf_counter()
         engine.step()

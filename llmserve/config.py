@@ -37,6 +37,8 @@ class EngineConfig:
     # tritonserver, the other models and often the clients (see `server_num_threads`).
     num_threads: int | None = None
     prefill_num_threads: int | None = None  # None = num_threads
+    # A prompt starts from the K/V of an earlier prompt sharing its beginning (llmserve/prefix_cache.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:

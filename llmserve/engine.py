@@ -113,6 +113,7 @@ def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
 class EngineStats:
     steps: int = 0
     prompt_tokens: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     generated_tokens: int = 0
     finished: Counter = field(default_factory=Counter)  # by finish reason
 
@@ -188,6 +189,11 @@ class LLMEngine:
         ids = [s.seq_id for s in self._sequences.values() if s.request_id == request_id]
         return [out for out in map(self.abort, ids) if out is not None]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix: the next prompts are prefilled in full."""
+        if self.scheduler.prefix_cache is not None:
+            self.scheduler.prefix_cache.clear()
+
     def has_unfinished(self) -> bool:
         return bool(self._sequences)
 
@@ -214,11 +220,19 @@ class LLMEngine:
         self._hold = self._send_interval if batch.prefill else 0.0
         self._now = time.monotonic()
         outputs: list[RequestOutput] = []
+        for source, destination, length in batch.copies:
+            self.runner.copy_prefix(source, destination, length)
+        # Prompts cached but for their last token join the decode pass; other cached prefixes leave
+        # ragged rests, padded and grouped by length; fresh prompts are packed when the runner can.
+        fresh = [s for s in batch.prefill if not s.num_cached]
+        rests = [s for s in batch.prefill if s.num_cached and len(s.pending_ids) > 1]
+        joining = [s for s in batch.prefill if s.num_cached and len(s.pending_ids) == 1]
+        decode = sorted(batch.decode + joining, key=lambda s: s.slot) if joining else batch.decode
         grouping = packed_prefill_groups if self.runner.packs_prefill else prefill_groups
         groups = [(g, self._prefill_threads if sum(len(s.pending_ids) for s in g) >= PARALLEL_PREFILL_MIN_TOKENS
-                   else self._decode_threads) for g in grouping(batch.prefill)]
-        if batch.decode:
-            groups.append((batch.decode, self._decode_threads))
+                   else self._decode_threads) for g in grouping(fresh) + prefill_groups(rests)]
+        if decode:
+            groups.append((decode, self._decode_threads))
         for group, threads in groups:
             torch.set_num_threads(threads)
             logits = self.runner.forward([s.slot for s in group], [s.pending_ids for s in group],
@@ -226,6 +240,9 @@ class LLMEngine:
             tokens = self.sampler(logits, group)
             group_outputs = []
             for seq, token in zip(group, tokens):
+                if seq.num_cached < seq.num_prompt_tokens:
+                    self.stats.prefix_cached_tokens += seq.num_prefix_cached
+                    self.scheduler.prompt_computed(seq)
                 seq.num_cached = len(seq.ids)
                 out = self._postprocess(seq, token)
                 if out is not None:

@@ -48,7 +48,7 @@ def validate_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 class TorchModelRunner:
     """Owns a model and its preallocated KV cache (`num_slots` regions of `max_model_len` tokens).
 
-    Public attributes: vocab_size (logits width), max_model_len, num_slots, eos_token_ids,
+    Methods: forward, release, copy_prefix. Public attributes: vocab_size (logits width), max_model_len, num_slots, eos_token_ids,
     kv_cache_bytes, device, dtype.
     """
 
@@ -123,6 +123,11 @@ class TorchModelRunner:
     def release(self, slot: int) -> None:
         """The slot's K/V is no longer needed (the runner contract; nothing to do here: a slot's
         cache is overwritten by its next sequence)."""
+
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        """Copy positions [0, length) of slot `source`'s K/V into slot `destination` (the prefix cache)."""
+        for cache in (*self.kv_cache.k, *self.kv_cache.v):
+            cache[destination, :, :length] = cache[source, :, :length]
 
     def _forward_packed(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
                         lens: list[int]) -> torch.Tensor:

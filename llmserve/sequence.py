@@ -24,8 +24,8 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
-                 "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng", "token_counts",
-                 "seen_mask", "detokenizer", "output", "arrival_time", "next_send_time")
+                 "num_prefix_cached", "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng",
+                 "token_counts", "seen_mask", "detokenizer", "output", "arrival_time", "next_send_time")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
                  stop_ids: frozenset[int], bad_word_ids: list[list[int]],
@@ -37,6 +37,7 @@ class Sequence:
         self.ids = list(prompt_ids)  # prompt + generated; the detokenizer reads this same list
         self.num_prompt_tokens = len(prompt_ids)
         self.num_cached = 0  # tokens whose keys/values are in the slot's cache
+        self.num_prefix_cached = 0  # prompt tokens whose keys/values came from the prefix cache
         self.slot: int | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

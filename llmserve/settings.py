@@ -14,6 +14,8 @@ DEFAULT_MODEL_DIR = "build/models/default"  # relative to the repository root
 # The llm model's runtime when none is set (config.pbtxt says the same): on CPU the ONNX Runtime
 # runner is faster than torch at every concurrency (README "Runtimes"). torch and tensorrt run on GPUs.
 DEFAULT_RUNTIME = "onnxruntime"
+# The llm model's slots (concurrent sequences) when none is set; config.pbtxt says the same.
+DEFAULT_MAX_NUM_SEQS = 64
 
 
 def model_parameter(args: dict, key: str, default: str = "") -> str:
@@ -24,6 +26,16 @@ def model_parameter(args: dict, key: str, default: str = "") -> str:
     params = json.loads(args["model_config"]).get("parameters", {})
     value = params.get(key, {}).get("string_value", "")
     return value if value and not value.startswith("${") else default
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """A boolean setting's text (true/false, 1/0, yes/no, on/off); ValueError naming it otherwise."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"setting {key} must be true or false, got {value!r}")
 
 
 def resolve_model_dir(args: dict) -> str:

@@ -24,6 +24,8 @@ class EngineMetrics:
         self._counters = {
             "generated": pb_utils.MetricFamily("llm_generated_tokens_total", "Tokens generated", counter),
             "prompt": pb_utils.MetricFamily("llm_prompt_tokens_total", "Prompt tokens admitted", counter),
+            "prefix_cached": pb_utils.MetricFamily("llm_prefix_cache_hit_tokens_total",
+                                                   "Prompt tokens whose K/V came from the prefix cache", counter),
             "steps": pb_utils.MetricFamily("llm_engine_steps_total", "Engine steps (forward passes)", counter),
         }
         self._finished = pb_utils.MetricFamily("llm_requests_finished_total", "Requests finished, by reason",
@@ -47,6 +49,7 @@ class EngineMetrics:
         self._set("kv", slots.num_used / slots.num_slots)
         self._add("generated", stats.generated_tokens)
         self._add("prompt", stats.prompt_tokens)
+        self._add("prefix_cached", stats.prefix_cached_tokens)
         self._add("steps", stats.steps)
         for reason, count in stats.finished.items():
             key = f"finished:{reason}"

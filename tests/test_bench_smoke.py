@@ -25,6 +25,9 @@ def test_bench_tiny_sweep_writes_results(default_model_dir, tmp_path):
             assert summary["errors"] == 0 and summary["runs"] == 2 and summary["requests"] == 2 * per_run
             assert summary["output_tokens"] == 2 * 8 * per_run  # min_tokens = max_tokens: all the same length
             assert summary["output_tokens_per_s"] > 0 and summary["ttft_ms_p50"] > 0
+    for system in ("engine", "triton"):  # the prompts repeat (and warm-up ran some): cache hits
+        assert 0 < results["systems"][system]["2"]["prefix_cached_share"] < 1
+    assert "prefix_cached_share" not in results["systems"]["naive"]["2"]
     assert results["prefill_ms"] > 0
     assert results["ratios"]["per_concurrency"][0]["vs_naive"] > 0
     assert (tmp_path / "results.png").stat().st_size > 10_000

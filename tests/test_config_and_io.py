@@ -106,12 +106,22 @@ def test_output_info_round_trips():
         assert OutputInfo.unpack(packed) == info
 
 
-def test_server_default_runtime_is_the_one_config_pbtxt_names():
+def test_server_defaults_are_the_ones_config_pbtxt_names():
     import re
     from pathlib import Path
 
-    from llmserve.settings import DEFAULT_RUNTIME
+    from llmserve.settings import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
 
     config = (Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt").read_text()
     named = re.search(r'key: "runtime" value \{ string_value: "(\w+)" \}', config).group(1)
     assert named == DEFAULT_RUNTIME == "onnxruntime"
+    slots = re.search(r'key: "max_num_seqs" value \{ string_value: "(\d+)" \}', config).group(1)
+    assert int(slots) == DEFAULT_MAX_NUM_SEQS  # the bench's in-process engine has the server's slots
+
+
+def test_boolean_settings_parse_or_name_the_setting():
+    from llmserve.settings import parse_bool
+
+    assert parse_bool("x", " True") and parse_bool("x", "1") and not parse_bool("x", "off")
+    with pytest.raises(ValueError, match="enable_prefix_caching must be true or false"):
+        parse_bool("enable_prefix_caching", "maybe")

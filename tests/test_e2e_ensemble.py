@@ -54,6 +54,16 @@ def test_greedy_output_is_the_same_alone_or_in_a_batch_of_16(triton_server):
     assert batched == alone
 
 
+def test_a_repeated_prompt_comes_from_the_prefix_cache(triton_server):
+    prompt = "A prompt seen twice: the little bird sang a song to the moon every night before"
+    first = run_stream(triton_server.grpc_url, text_input=prompt, max_tokens=12, stream=True)
+    time.sleep(0.3)  # counters are flushed at most every 50 ms
+    before = metric(triton_server.metrics_url, "llm_prefix_cache_hit_tokens_total")
+    again = run_stream(triton_server.grpc_url, text_input=prompt, max_tokens=12, stream=True)
+    assert again.text == first.text and again.error is None
+    assert _wait_for(lambda: metric(triton_server.metrics_url, "llm_prefix_cache_hit_tokens_total") > before, 5)
+
+
 def test_stop_word_ends_generation_and_is_not_in_the_output(triton_server):
     free = run_stream(triton_server.grpc_url, text_input="Once upon a time", max_tokens=60, stream=False)
     words = free.text.split()
@@ -67,7 +77,9 @@ def test_stop_word_ends_generation_and_is_not_in_the_output(triton_server):
 
 
 def test_http_generate_and_generate_stream(triton_server):
-    body = {"text_input": "Once upon a time", "max_tokens": 20}
+    # 60 tokens: pieces due within one streaming interval (max_stream_responses_per_s) go out as one
+    # event, and a cached prompt's 20 tokens took only ~6 ms.
+    body = {"text_input": "Once upon a time", "max_tokens": 60, "min_tokens": 60}
     request = urllib.request.Request(f"{triton_server.http_url}/v2/models/ensemble/generate",
                                      data=json.dumps(body).encode())
     with urllib.request.urlopen(request, timeout=60) as response:

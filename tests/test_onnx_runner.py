@@ -100,6 +100,24 @@ def test_packed_prefill_beside_a_live_batch_matches_torch(runners):
     assert pair.onnx.calls["packed_prefill"] == 1
 
 
+def test_copied_prefixes_continue_as_if_computed(runners):
+    """The prefix cache's copies: a prompt cached but for its last token joins the live batch, one
+    with a longer rest runs it from the copy; both give the logits of the prompt prefilled whole."""
+    pair = Pair(*runners())
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    whole = pair.forward([0], [prompt], [0])
+    pair.decode([0], steps=2)  # slot 0 is live, its prompt's K/V in the store
+    for runner in (pair.torch, pair.onnx):
+        runner.copy_prefix(0, 1, 6)
+        runner.copy_prefix(0, 2, 3)
+    joined = pair.forward([0, 1], [[3], prompt[6:]], [pair.cached[0], 6])
+    torch.testing.assert_close(joined[1], whole[0], atol=1e-4, rtol=1e-4)
+    assert pair.onnx.calls["joined"] == 1
+    rest = pair.forward([2], [prompt[3:]], [3])
+    torch.testing.assert_close(rest[0], whole[0], atol=1e-4, rtol=1e-4)
+    pair.decode([0, 1, 2], steps=3)
+
+
 def test_an_engine_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_engine_dir, tmp_path):
     """An engine folder exported before prefill.onnx existed (or with it removed) still serves."""
     old = tmp_path / "engine"

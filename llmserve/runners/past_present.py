@@ -129,6 +129,13 @@ class PastPresentRunner:
         if live is not None and slot in live.rows:
             self._vacate(live, [live.rows.index(slot)], [False])
 
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        """See TorchModelRunner.copy_prefix. A prompt's K/V reaches the store with its prefill pass,
+        or with the copy it started from, so the store holds any prefix the engine asks for; the
+        destination, a slot just given out, has no live row."""
+        for tensor in self.store.tensors:
+            tensor[destination, :, :length] = tensor[source, :, :length]
+
     def _leave_live(self, slots: list[int], starts: list[int]) -> None:
         """The rows of the slots a call other than a decode touches leave the live batch (their K/V
         stored when the call continues it)."""

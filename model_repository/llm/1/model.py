@@ -12,7 +12,8 @@ from llmserve.engine import LLMEngine, RequestOutput
 from llmserve.engine_loop import EngineLoop
 from llmserve.errors import InvalidRequestError
 from llmserve.memory import freeze_startup_objects
-from llmserve.settings import DEFAULT_RUNTIME, model_parameter, resolve_model_dir
+from llmserve.settings import (DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME, model_parameter, parse_bool,
+                               resolve_model_dir)
 from llmserve.triton_io import OutputInfo, parse_llm_request
 from llmserve.triton_metrics import EngineMetrics
 from llmserve.triton_pb import error_response, request_inputs
@@ -32,13 +33,15 @@ class TritonPythonModel:
             engine_dir=setting("engine_dir", None),
             device=setting("device", "cpu"),
             dtype=setting("dtype", "float32"),
-            max_num_seqs=setting("max_num_seqs", 64, int),
+            max_num_seqs=setting("max_num_seqs", DEFAULT_MAX_NUM_SEQS, int),
             max_model_len=setting("max_model_len", None, int),
             max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
             max_queued_requests=setting("max_queued_requests", 256, int),
             num_threads=setting("num_threads", server_num_threads(), int),
             prefill_num_threads=setting("prefill_num_threads", None, int),
             max_stream_responses_per_s=setting("max_stream_responses_per_s", None, float),
+            enable_prefix_caching=setting("enable_prefix_caching", True,
+                                          lambda value: parse_bool("enable_prefix_caching", value)),
         )
         self.engine = LLMEngine(config)
         self.metrics = EngineMetrics({"model": args["model_name"]})
