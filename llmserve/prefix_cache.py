@@ -59,14 +59,10 @@ class PrefixCache:
         holds it (`is_free(slot)`: no copy needed)."""
         lengths = self.cacheable_lengths(len(prompt_ids))
         for n, key in reversed(list(zip(lengths, _prefix_keys(prompt_ids, lengths, self.block_size)))):
-            slots = self._slots_of.get(key)
-            if not slots:
-                continue
-            valid = [s for s in slots if self._held[s][:n] == prompt_ids[:n]]  # a hash collision fails here
-            if valid:
-                slot = next((s for s in valid if is_free(s)), valid[0])
-                self._last_use[slot] = next(self._clock)
-                return PrefixHit(slot, n)
+            for slot in sorted(self._slots_of.get(key, ()), key=lambda s: not is_free(s)):
+                if self._held[slot][:n] == prompt_ids[:n]:  # a hash collision fails here
+                    self._last_use[slot] = next(self._clock)
+                    return PrefixHit(slot, n)
         return None
 
     def eviction_rank(self, slot: int) -> tuple[bool, int, int]:
