@@ -13,6 +13,7 @@ are hashed in O(length); a hit is confirmed against the tokens the slot holds.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 BLOCK_SIZE = 16
@@ -54,7 +55,7 @@ class PrefixCache:
         lengths = list(range(self.block_size, last, self.block_size))
         return lengths + [last] if last > 0 else lengths
 
-    def match(self, prompt_ids: list[int], is_free) -> PrefixHit | None:
+    def match(self, prompt_ids: list[int], is_free: Callable[[int], bool]) -> PrefixHit | None:
         """The longest cached prefix of the prompt, short of its last token, on a free slot when one
         holds it (`is_free(slot)`: no copy needed)."""
         lengths = self.cacheable_lengths(len(prompt_ids))
