@@ -224,9 +224,10 @@ class LLMEngine:
             self.runner.copy_prefix(source, destination, length)
         # Prompts cached but for their last token join the decode pass; other cached prefixes leave
         # ragged rests, padded and grouped by length; fresh prompts are packed when the runner can.
-        fresh = [s for s in batch.prefill if not s.num_cached]
-        rests = [s for s in batch.prefill if s.num_cached and len(s.pending_ids) > 1]
-        joining = [s for s in batch.prefill if s.num_cached and len(s.pending_ids) == 1]
+        fresh, rests, joining = [], [], []
+        for seq in batch.prefill:
+            uncached = len(seq.ids) - seq.num_cached
+            (fresh if not seq.num_cached else joining if uncached == 1 else rests).append(seq)
         decode = sorted(batch.decode + joining, key=lambda s: s.slot) if joining else batch.decode
         grouping = packed_prefill_groups if self.runner.packs_prefill else prefill_groups
         groups = [(g, self._prefill_threads if sum(len(s.pending_ids) for s in g) >= PARALLEL_PREFILL_MIN_TOKENS
