@@ -32,12 +32,16 @@ class LogHistogram:
         self.count += count
 
     def percentile(self, q: float) -> float | None:
-        """Nearest-rank percentile (q in 0..1), as its bucket's geometric middle; None when empty."""
+        """The q-th percentile (q in 0..1) as its bucket's geometric middle; None when empty.
+
+        Ranked as locust ranks its percentiles (the sample with int(q*N) samples below it, one
+        rank above nearest-rank when q*N is whole), so this table and locust's whole-ms table
+        name the same sample."""
         if not 0 < q <= 1:
             raise ValueError(f"percentile must be in (0, 1], got {q}")
         if not self.count:
             return None
-        rank = math.ceil(q * self.count)
+        rank = min(int(self.count * q) + 1, self.count)
         seen = 0
         for key in sorted(self._buckets):
             seen += self._buckets[key]
