@@ -48,8 +48,8 @@ def validate_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 class TorchModelRunner:
     """Owns a model and its preallocated KV cache (`num_slots` regions of `max_model_len` tokens).
 
-    Methods: forward, release, copy_prefix. Public attributes: vocab_size (logits width), max_model_len, num_slots, eos_token_ids,
-    kv_cache_bytes, device, dtype.
+    Methods: forward, release, copy_prefix. Public attributes: vocab_size (logits width),
+    max_model_len, num_slots, eos_token_ids, kv_cache_bytes, device, dtype.
     """
 
     packs_prefill = True  # ragged prompts from empty caches go in one unpadded pass (the engine groups by it)

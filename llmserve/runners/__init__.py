@@ -2,8 +2,9 @@
 
 Every runner has TorchModelRunner's interface: `forward(slots, token_ids, start_positions)` ->
 float32 logits [B, vocab], `release(slot)` (the engine is done with that slot's K/V),
-`copy_prefix(source, destination, length)` (the prefix cache), and attributes vocab_size, max_model_len, num_slots, eos_token_ids, kv_cache_bytes, device, dtype,
-packs_prefill (whether ragged prompts go in one unpadded pass).
+`copy_prefix(source, destination, length)` (the prefix cache), and attributes vocab_size,
+max_model_len, num_slots, eos_token_ids, kv_cache_bytes, device, dtype, packs_prefill (whether
+ragged prompts go in one unpadded pass).
 Runtimes other than torch are imported only when chosen.
 """
 
