@@ -114,6 +114,21 @@ class TritonSystem(_ServedSystem):
         return metric(url, "llm_prompt_tokens_total"), metric(url, "llm_prefix_cache_hit_tokens_total")
 
 
+class LlmDirectSystem(TritonSystem):
+    """This server's `llm` model called directly (token ids in and out, no ensemble, no pre- or
+    postprocessing): the floor of serving through Triton with a Python-backend `llm`."""
+
+    def __init__(self, args) -> None:
+        super().__init__(args, "llm-direct")
+
+    async def request(self, prompt: str):
+        from bench.llm_direct_driver import LlmDirectClient
+
+        if self.client is None:
+            self.client = LlmDirectClient(self.server.grpc_url, self.args.model_dir)
+        return await self.client.request(prompt, self.args.max_tokens, self.args.max_tokens)
+
+
 class NaiveSystem(_ServedSystem):
     def __init__(self, args) -> None:
         from bench.naive_server import NaiveServer
@@ -164,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="requests per run at least (more per worker at low concurrency)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each level per system, interleaved across systems; latencies pooled")
-    parser.add_argument("--systems", default="engine,triton,naive")
+    parser.add_argument("--systems", default="engine,triton,naive",
+                        help="any of engine, triton, naive and llm-direct (this server's `llm` model called "
+                             "directly: the transport's floor)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench")
     parser.add_argument("--engine-transit-ms", type=_transit, default=None, metavar="LOW,HIGH",
                         help="also run the in-process engine with each replacement request arriving LOW-HIGH ms "
@@ -183,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "systems": {},
     }
     factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),
-                 "naive": lambda: NaiveSystem(args)}
+                 "naive": lambda: NaiveSystem(args), "llm-direct": lambda: LlmDirectSystem(args)}
     systems = [factories[name]() for name in args.systems.split(",")]
     systems += [TritonSystem(args, name, settings) for name, settings in args.variant]
     if args.engine_transit_ms is not None:

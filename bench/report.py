@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 SYSTEM_NAMES = {"triton": "this server (ensemble, gRPC)", "naive": "naive server (FastAPI + WebSocket)",
-                "engine": "engine in-process (no server)"}
+                "engine": "engine in-process (no server)",
+                "llm-direct": "llm model called directly (token ids, no ensemble)"}
 TARGETS = {"vs_naive_c32": 10.0, "vs_engine_c32": 0.8, "ttft_c1_minus_prefill_ms": 15.0, "ttft_p95_c32_over_c1": 4.0}
 
 
@@ -23,11 +24,12 @@ def ratios(results: dict) -> dict:
         return systems.get(system, {}).get(str(c), {}).get("output_tokens_per_s")
 
     for c in levels:
-        ours, naive, engine = tps("triton", c), tps("naive", c), tps("engine", c)
+        ours, naive, engine, direct = tps("triton", c), tps("naive", c), tps("engine", c), tps("llm-direct", c)
         out["per_concurrency"].append({
             "concurrency": c,
             "vs_naive": ours / naive if ours and naive else None,
             "vs_engine": ours / engine if ours and engine else None,
+            "llm_direct_vs_engine": direct / engine if direct and engine else None,
         })
     by_c = {row["concurrency"]: row for row in out["per_concurrency"]}
     triton = systems.get("triton", {})
@@ -36,8 +38,12 @@ def ratios(results: dict) -> dict:
         out["vs_engine_c32"] = by_c[32]["vs_engine"]
     if "1" in triton and results.get("prefill_ms") is not None:
         out["ttft_c1_minus_prefill_ms"] = triton["1"]["ttft_ms_p50"] - results["prefill_ms"]
-    if "1" in triton and "32" in triton:
-        out["ttft_p95_c32_over_c1"] = triton["32"]["ttft_ms_p95"] / triton["1"]["ttft_ms_p95"]
+    for system, key in (("triton", "ttft_p95_c32_over_c1"), ("llm-direct", "llm_direct_ttft_p95_c32_over_c1")):
+        levels_of = systems.get(system, {})
+        if "ttft_ms_p95" in levels_of.get("1", {}) and "ttft_ms_p95" in levels_of.get("32", {}):
+            out[key] = levels_of["32"]["ttft_ms_p95"] / levels_of["1"]["ttft_ms_p95"]
+    if 32 in by_c and by_c[32]["llm_direct_vs_engine"] is not None:
+        out["llm_direct_vs_engine_c32"] = by_c[32]["llm_direct_vs_engine"]
     return out
 
 
@@ -66,10 +72,13 @@ def markdown(results: dict) -> str:
                 f"{_fmt(s['itl_ms_p95'], 2)} | {_fmt(s['tpot_ms_p50'], 2)} | {_fmt(s['latency_ms_p50'], 0)} / "
                 f"{_fmt(s['latency_ms_p95'], 0)} | {cached} | {s['errors']} |")
     r = results["ratios"]
-    lines += ["", "| concurrency | this server / naive (tok/s) | this server / in-process engine (tok/s) |",
-              "|---:|---:|---:|"]
+    direct = any(row.get("llm_direct_vs_engine") is not None for row in r["per_concurrency"])
+    lines += ["", "| concurrency | this server / naive (tok/s) | this server / in-process engine (tok/s) |"
+              + (" llm called directly / in-process engine (tok/s) |" if direct else ""),
+              "|---:|---:|---:|" + ("---:|" if direct else "")]
     for row in r["per_concurrency"]:
-        lines.append(f"| {row['concurrency']} | {_fmt(row['vs_naive'], 2)} | {_fmt(row['vs_engine'], 2)} |")
+        lines.append(f"| {row['concurrency']} | {_fmt(row['vs_naive'], 2)} | {_fmt(row['vs_engine'], 2)} |"
+                     + (f" {_fmt(row.get('llm_direct_vs_engine'), 2)} |" if direct else ""))
     lines += ["", f"Prefill time alone (median, in-process, the prompt not cached): {_fmt(results.get('prefill_ms'), 2)} ms.", "",
               "| target | measured | goal |", "|---|---:|---|"]
     goals = {"vs_naive_c32": ">= 10x", "vs_engine_c32": ">= 0.8x",
@@ -80,6 +89,11 @@ def markdown(results: dict) -> str:
     for key, label in labels.items():
         if key in r:
             lines.append(f"| {label} | {_fmt(r[key], 2)} | {goals[key]} |")
+    floors = {"llm_direct_vs_engine_c32": "llm called directly: throughput vs engine at c=32",
+              "llm_direct_ttft_p95_c32_over_c1": "llm called directly: TTFT p95 at c=32 / at c=1"}
+    for key, label in floors.items():  # the floor the ensemble's figures are measured against
+        if r.get(key) is not None:
+            lines.append(f"| {label} (floor, no target) | {_fmt(r[key], 2)} | |")
     return "\n".join(lines) + "\n"
 
 

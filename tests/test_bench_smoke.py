@@ -15,23 +15,26 @@ def test_bench_tiny_sweep_writes_results(default_model_dir, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--model-dir", str(default_model_dir), "--concurrency", "1,2",
          "--max-tokens", "8", "--requests-per-worker", "1", "--min-requests", "3", "--repeats", "2",
-         "--out", str(tmp_path)],
+         "--systems", "engine,triton,naive,llm-direct", "--out", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    for system in ("engine", "triton", "naive"):
+    for system in ("engine", "triton", "naive", "llm-direct"):
         for level, per_run in (("1", 3), ("2", 4)):  # at least 3 requests a run: 3 x 1 worker, 2 x 2 workers
             summary = results["systems"][system][level]
             assert summary["errors"] == 0 and summary["runs"] == 2 and summary["requests"] == 2 * per_run
             assert summary["output_tokens"] == 2 * 8 * per_run  # min_tokens = max_tokens: all the same length
             assert summary["output_tokens_per_s"] > 0 and summary["ttft_ms_p50"] > 0
-    for system in ("engine", "triton"):  # the prompts repeat (and warm-up ran some): cache hits
+    for system in ("engine", "triton", "llm-direct"):  # the prompts repeat (and warm-up ran some): cache hits
         assert 0 < results["systems"][system]["2"]["prefix_cached_share"] < 1
     assert "prefix_cached_share" not in results["systems"]["naive"]["2"]
     assert results["prefill_ms"] > 0
     assert results["ratios"]["per_concurrency"][0]["vs_naive"] > 0
+    assert results["ratios"]["per_concurrency"][0]["llm_direct_vs_engine"] > 0
     assert (tmp_path / "results.png").stat().st_size > 10_000
-    assert "| triton | 2 |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| triton | 2 |" in table and "| llm-direct | 2 |" in table
+    assert "llm called directly / in-process engine" in table
     assert "this server / naive" in run.stdout
 
 

@@ -1,0 +1,91 @@
+"""Load against the `llm` model alone, called directly over gRPC streaming: token ids in, token ids
+out; no ensemble, no preprocessing, no postprocessing. The floor of what serving through Triton
+costs with a Python-backend `llm`: the transport and one model's round trips, nothing else.
+
+The prompts are tokenized here, once each, with the model's own tokenizer. A request is built as
+preprocessing builds `llm`'s inputs, `poll_cancellation` false included (the load generator never
+abandons a request), and its streams are reused one request at a time, as `AsyncClient` does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from bench.records import RequestRecord
+from llmserve.tokenizer import encode_prompt, load_tokenizer
+from llmserve.triton_io import OutputInfo
+
+
+def _add_input(message: service_pb2.ModelInferRequest, name: str, datatype: str, array: np.ndarray) -> None:
+    tensor = message.inputs.add()
+    tensor.name, tensor.datatype = name, datatype
+    tensor.shape.extend(array.shape)
+    message.raw_input_contents.append(array.tobytes())
+
+
+class LlmDirectClient:
+    """Streams generations from the `llm` model of the server at `url` (host:port, gRPC)."""
+
+    def __init__(self, url: str, model_dir: str, model: str = "llm") -> None:
+        self.model = model
+        self._tokenizer = load_tokenizer(model_dir)
+        self._prompt_ids: dict[str, np.ndarray] = {}
+        self._channel = grpc.aio.insecure_channel(url)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._idle: list[grpc.aio.StreamStreamCall] = []
+        self._next_id = 0
+
+    def _request(self, prompt: str, max_tokens: int, min_tokens: int) -> service_pb2.ModelInferRequest:
+        ids = self._prompt_ids.get(prompt)
+        if ids is None:
+            ids = self._prompt_ids[prompt] = np.array([encode_prompt(self._tokenizer, prompt)], dtype=np.int32)
+        self._next_id += 1
+        message = service_pb2.ModelInferRequest(model_name=self.model, id=f"direct-{self._next_id}")
+        message.parameters["triton_enable_empty_final_response"].bool_param = True
+        _add_input(message, "input_ids", "INT32", ids)
+        _add_input(message, "max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32))
+        _add_input(message, "min_tokens", "INT32", np.array([[min_tokens]], dtype=np.int32))
+        _add_input(message, "stream", "BOOL", np.array([[True]]))
+        _add_input(message, "poll_cancellation", "BOOL", np.array([[False]]))
+        return message
+
+    async def request(self, prompt: str, max_tokens: int, min_tokens: int) -> RequestRecord:
+        """One generation; `chunks` holds the responses that carried new tokens (failures land in `error`)."""
+        message = self._request(prompt, max_tokens, min_tokens)
+        record = RequestRecord(start=time.perf_counter())
+        call = self._idle.pop() if self._idle else self._stub.ModelStreamInfer()
+        try:
+            await call.write(message)
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    raise ConnectionError("the stream ended before the final response")
+                if reply.error_message:
+                    raise RuntimeError(reply.error_message)
+                response = reply.infer_response
+                if response.outputs:
+                    names = [output.name for output in response.outputs]
+                    info = OutputInfo.unpack(np.frombuffer(response.raw_output_contents[names.index("output_info")],
+                                                           dtype=np.int64))
+                    if info.num_output_tokens > record.num_output_tokens:  # it carried new tokens
+                        record.chunks.append((time.perf_counter(), info.num_output_tokens))
+                        record.num_output_tokens = info.num_output_tokens
+                if response.parameters["triton_final_response"].bool_param:
+                    break
+        except Exception as exc:  # recorded, counted as an error in the summary
+            record.error = f"{type(exc).__name__}: {exc}"
+            call.cancel()
+        else:
+            self._idle.append(call)
+        record.end = time.perf_counter()
+        return record
+
+    async def close(self) -> None:
+        for call in self._idle:
+            await call.done_writing()
+        self._idle.clear()
+        await self._channel.close()

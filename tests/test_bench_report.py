@@ -1,0 +1,50 @@
+"""The bench's ratios and targets, computed from results as `python -m bench` stores them."""
+
+import pytest
+
+from bench import report
+
+
+def _level(tps: float, ttft_p50: float, ttft_p95: float) -> dict:
+    return {"output_tokens_per_s": tps, "ttft_ms_p50": ttft_p50, "ttft_ms_p95": ttft_p95, "ttft_ms_p99": ttft_p95,
+            "itl_ms_p50": 1.0, "itl_ms_p95": 2.0, "tpot_ms_p50": 1.0, "latency_ms_p50": 10.0,
+            "latency_ms_p95": 20.0, "errors": 0}
+
+
+def _results(systems: dict) -> dict:
+    return {"date": "today", "prefill_ms": 0.5, "systems": systems,
+            "config": {"model": "m", "cpus": 2, "concurrency": [1, 32], "max_tokens": 64, "requests_per_worker": 4,
+                       "min_requests": 32, "repeats": 3, "prompts": ["a"]}}
+
+
+def test_ratios_and_targets_with_the_llm_direct_floor():
+    results = _results({
+        "engine": {"1": _level(3000, 0.9, 1.3), "32": _level(12000, 5.0, 6.0)},
+        "triton": {"1": _level(2000, 4.0, 6.0), "32": _level(9000, 20.0, 36.0)},
+        "naive": {"1": _level(500, 10.0, 30.0), "32": _level(100, 300.0, 600.0)},
+        "llm-direct": {"1": _level(2200, 3.0, 5.0), "32": _level(10800, 14.0, 25.0)},
+    })
+    r = report.ratios(results)
+    assert r["vs_naive_c32"] == pytest.approx(90.0)
+    assert r["vs_engine_c32"] == pytest.approx(0.75)
+    assert r["ttft_c1_minus_prefill_ms"] == pytest.approx(3.5)
+    assert r["ttft_p95_c32_over_c1"] == pytest.approx(6.0)
+    assert r["llm_direct_vs_engine_c32"] == pytest.approx(0.9)
+    assert r["llm_direct_ttft_p95_c32_over_c1"] == pytest.approx(5.0)
+    results["ratios"] = r
+    table = report.markdown(results)
+    assert "| 32 | 90.00 | 0.75 | 0.90 |" in table
+    assert "| llm called directly: TTFT p95 at c=32 / at c=1 (floor, no target) | 5.00 | |" in table
+
+
+def test_ratios_without_the_floor_leave_its_column_out():
+    results = _results({
+        "engine": {"1": _level(3000, 0.9, 1.3), "32": _level(12000, 5.0, 6.0)},
+        "triton": {"1": _level(2000, 4.0, 6.0), "32": {"errors": 128}},  # every request failed: no latencies
+    })
+    r = report.ratios(results)
+    assert "ttft_p95_c32_over_c1" not in r and "llm_direct_vs_engine_c32" not in r
+    results["ratios"] = r
+    table = report.markdown(results)
+    assert "llm called directly" not in table
+    assert "| 1 | n/a | 0.67 |" in table
