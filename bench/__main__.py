@@ -1,7 +1,10 @@
 """`python -m bench` (`make bench`): start the servers on free ports, sweep concurrency, write the results.
 
 All systems are up for the whole run; they are measured one at a time (the others
-idle), level by level, so each ratio compares measurements taken close together.
+idle), level by level, so each ratio compares measurements taken close together. Each
+measured run follows an unrecorded warm-up at its concurrency (`--warmup-requests-per-worker`),
+as genai-perf's and AIPerf's warm-up phase does: a server that idled while the others ran
+serves its next burst measurably slower, the in-process engine hardly.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ class EngineSystem:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def run_level(self, concurrency: int):
-        return engine_limit.run_level(self.engine, PROMPTS, concurrency, requests_per_worker(self.args, concurrency),
-                                      self.args.max_tokens, self.transit_s)
+    def run_level(self, concurrency: int, per_worker: int | None = None):
+        per_worker = per_worker or requests_per_worker(self.args, concurrency)
+        return engine_limit.run_level(self.engine, PROMPTS, concurrency, per_worker, self.args.max_tokens,
+                                      self.transit_s)
 
     def prompt_tokens(self) -> tuple[float, float]:
         """(prompt tokens admitted, those whose K/V came from the prefix cache) so far."""
@@ -76,9 +80,9 @@ class _ServedSystem:
         self.loop.close()
         self.server.stop()
 
-    def run_level(self, concurrency: int):
-        return self.loop.run_until_complete(
-            loadgen.run_level(self.request, PROMPTS, concurrency, requests_per_worker(self.args, concurrency)))
+    def run_level(self, concurrency: int, per_worker: int | None = None):
+        per_worker = per_worker or requests_per_worker(self.args, concurrency)
+        return self.loop.run_until_complete(loadgen.run_level(self.request, PROMPTS, concurrency, per_worker))
 
     def close_client(self) -> None:
         pass
@@ -177,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-worker", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=32,
                         help="requests per run at least (more per worker at low concurrency)")
+    parser.add_argument("--warmup-requests-per-worker", type=int, default=1,
+                        help="before each measured run, this many unrecorded requests per worker at the same "
+                             "concurrency (0: none); a system idle for 0.2 s or more serves its next burst slower")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each level per system, interleaved across systems; latencies pooled")
     parser.add_argument("--systems", default="engine,triton,naive",
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "runtime": args.runtime, "cpus": os.cpu_count(),
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                    "requests_per_worker": args.requests_per_worker, "min_requests": args.min_requests,
+                   "warmup_requests_per_worker": args.warmup_requests_per_worker,
                    "repeats": args.repeats, "prompts": PROMPTS},
         "systems": {},
     }
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             prompt_tokens = {system.name: [0.0, 0.0] for system in systems}  # admitted, from the prefix cache
             for repeat in range(args.repeats):
                 for system in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
+                    if args.warmup_requests_per_worker:  # unrecorded: it idled while the others ran
+                        system.run_level(c, args.warmup_requests_per_worker)
                     before = system.prompt_tokens()
                     runs[system.name].append(system.run_level(c))
                     if before is not None:

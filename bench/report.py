@@ -52,6 +52,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"Model `{cfg['model']}`, runtime {cfg.get('runtime', 'torch')}, {cfg['cpus']} CPUs, max_tokens = min_tokens = {cfg['max_tokens']} (greedy), "
         f"{cfg['requests_per_worker']} requests per worker and at least {cfg.get('min_requests', 0)} per run, "
+        f"each after {cfg.get('warmup_requests_per_worker', 0)} unrecorded warm-up request(s) per worker, "
         f"{cfg.get('repeats', 1)} runs per level, "
         f"{len(cfg['prompts'])} prompts; {results['date']}.",
         "",

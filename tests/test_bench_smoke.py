@@ -29,6 +29,7 @@ def test_bench_tiny_sweep_writes_results(default_model_dir, tmp_path):
         assert 0 < results["systems"][system]["2"]["prefix_cached_share"] < 1
     assert "prefix_cached_share" not in results["systems"]["naive"]["2"]
     assert results["prefill_ms"] > 0
+    assert results["config"]["warmup_requests_per_worker"] == 1  # before every run, not counted above
     assert results["ratios"]["per_concurrency"][0]["vs_naive"] > 0
     assert results["ratios"]["per_concurrency"][0]["llm_direct_vs_engine"] > 0
     assert (tmp_path / "results.png").stat().st_size > 10_000
