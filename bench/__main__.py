@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="requests per run at least (more per worker at low concurrency)")
     parser.add_argument("--warmup-requests-per-worker", type=int, default=1,
                         help="before each measured run, this many unrecorded requests per worker at the same "
-                             "concurrency (0: none); a system idle for 0.2 s or more serves its next burst slower")
+                             "concurrency (0: none): a server that idled serves its next burst slower")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each level per system, interleaved across systems; latencies pooled")
     parser.add_argument("--systems", default="engine,triton,naive",
