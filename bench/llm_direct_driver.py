@@ -9,6 +9,7 @@ abandons a request), and its streams are reused one request at a time, as `Async
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -16,8 +17,12 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench.records import RequestRecord
+from client.async_client import _end_stream  # half-close, drain, cancel only if that fails
 from llmserve.tokenizer import encode_prompt, load_tokenizer
 from llmserve.triton_io import OutputInfo
+
+
+END_STREAM_TIMEOUT_S = 5.0
 
 
 def _add_input(message: service_pb2.ModelInferRequest, name: str, datatype: str, array: np.ndarray) -> None:
@@ -37,6 +42,7 @@ class LlmDirectClient:
         self._channel = grpc.aio.insecure_channel(url)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._idle: list[grpc.aio.StreamStreamCall] = []
+        self._ending: set[asyncio.Task] = set()  # streams of failed requests being ended
         self._next_id = 0
 
     def _request(self, prompt: str, max_tokens: int, min_tokens: int) -> service_pb2.ModelInferRequest:
@@ -78,14 +84,16 @@ class LlmDirectClient:
                     break
         except Exception as exc:  # recorded, counted as an error in the summary
             record.error = f"{type(exc).__name__}: {exc}"
-            call.cancel()
+            # Not cancelled: cancelling streams can crash Triton 2.51's gRPC frontend (README "Limits").
+            task = asyncio.get_running_loop().create_task(_end_stream(call, END_STREAM_TIMEOUT_S))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
         else:
             self._idle.append(call)
         record.end = time.perf_counter()
         return record
 
     async def close(self) -> None:
-        for call in self._idle:
-            await call.done_writing()
-        self._idle.clear()
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*self._ending, *(_end_stream(call, END_STREAM_TIMEOUT_S) for call in idle))
         await self._channel.close()

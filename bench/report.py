@@ -36,7 +36,7 @@ def ratios(results: dict) -> dict:
     if 32 in by_c:
         out["vs_naive_c32"] = by_c[32]["vs_naive"]
         out["vs_engine_c32"] = by_c[32]["vs_engine"]
-    if "1" in triton and results.get("prefill_ms") is not None:
+    if "ttft_ms_p50" in triton.get("1", {}) and results.get("prefill_ms") is not None:
         out["ttft_c1_minus_prefill_ms"] = triton["1"]["ttft_ms_p50"] - results["prefill_ms"]
     for system, key in (("triton", "ttft_p95_c32_over_c1"), ("llm-direct", "llm_direct_ttft_p95_c32_over_c1")):
         levels_of = systems.get(system, {})

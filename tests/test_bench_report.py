@@ -48,3 +48,13 @@ def test_ratios_without_the_floor_leave_its_column_out():
     table = report.markdown(results)
     assert "llm called directly" not in table
     assert "| 1 | n/a | 0.67 |" in table
+
+
+def test_a_level_without_latencies_leaves_its_targets_out():
+    results = _results({
+        "engine": {"1": _level(3000, 0.9, 1.3), "32": _level(12000, 5.0, 6.0)},
+        "triton": {"1": {"errors": 32}, "32": _level(9000, 20.0, 36.0)},
+    })
+    r = report.ratios(results)
+    assert "ttft_c1_minus_prefill_ms" not in r and "ttft_p95_c32_over_c1" not in r
+    assert r["vs_engine_c32"] == pytest.approx(0.75)

@@ -53,3 +53,25 @@ def test_engine_limit_with_transit_delays_replacements(engine_factory):
     ends = sorted(r.end for r in delayed)[:4]
     assert all(start - end >= 0.02 for start, end in zip(starts, ends))
     assert not engine.has_unfinished()
+
+
+def test_llm_direct_client_records_a_failed_request_and_goes_on(triton_server, default_model_dir):
+    import asyncio
+
+    from bench.llm_direct_driver import LlmDirectClient
+
+    async def run():
+        client = LlmDirectClient(triton_server.grpc_url, str(default_model_dir))
+        try:
+            good = await client.request("Once upon a time", 6, 6)
+            bad = await client.request("Once upon a time", 10**9, 1)  # past the context: refused
+            again = await client.request("Once upon a time", 6, 6)
+        finally:
+            await client.close()
+        return good, bad, again
+
+    good, bad, again = asyncio.run(run())
+    for record in (good, again):
+        assert record.error is None and record.num_output_tokens == 6 and record.chunks
+        assert record.chunks[-1][1] == 6 and record.ttft > 0
+    assert bad.error and "max_tokens" in bad.error and not bad.chunks
