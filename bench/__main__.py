@@ -112,7 +112,7 @@ class TritonSystem(_ServedSystem):
             self.loop.run_until_complete(self.client.close())
 
     def prompt_tokens(self) -> tuple[float, float]:
-        from tests.ensemble_requests import metric
+        from llmserve.launcher import metric
 
         url = self.server.metrics_url
         return metric(url, "llm_prompt_tokens_total"), metric(url, "llm_prefix_cache_hit_tokens_total")

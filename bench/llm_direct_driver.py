@@ -2,9 +2,10 @@
 out; no ensemble, no preprocessing, no postprocessing. The floor of what serving through Triton
 costs with a Python-backend `llm`: the transport and one model's round trips, nothing else.
 
-The prompts are tokenized here, once each, with the model's own tokenizer. A request is built as
-preprocessing builds `llm`'s inputs, `poll_cancellation` false included (the load generator never
-abandons a request), and its streams are reused one request at a time, as `AsyncClient` does.
+The prompts are tokenized here, once each, with the model's own tokenizer. A request carries
+`llm`'s inputs as the ensemble passes them, `poll_cancellation` false included (the load generator
+never abandons a request), built and streamed as `AsyncClient` builds and streams its requests:
+with its request builder, one request at a time per stream, streams reused.
 """
 
 from __future__ import annotations
@@ -14,22 +15,17 @@ import time
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
 
 from bench.records import RequestRecord
-from client.async_client import _end_stream  # half-close, drain, cancel only if that fails
+# The client's own request building and stream ending (half-close, drain, cancel only if that fails).
+from client._tensors import PreparedRequest, _scalar_input
+from client.async_client import _end_stream, _request_message
 from llmserve.tokenizer import encode_prompt, load_tokenizer
 from llmserve.triton_io import OutputInfo
 
 
 END_STREAM_TIMEOUT_S = 5.0
-
-
-def _add_input(message: service_pb2.ModelInferRequest, name: str, datatype: str, array: np.ndarray) -> None:
-    tensor = message.inputs.add()
-    tensor.name, tensor.datatype = name, datatype
-    tensor.shape.extend(array.shape)
-    message.raw_input_contents.append(array.tobytes())
 
 
 class LlmDirectClient:
@@ -50,14 +46,13 @@ class LlmDirectClient:
         if ids is None:
             ids = self._prompt_ids[prompt] = np.array([encode_prompt(self._tokenizer, prompt)], dtype=np.int32)
         self._next_id += 1
-        message = service_pb2.ModelInferRequest(model_name=self.model, id=f"direct-{self._next_id}")
-        message.parameters["triton_enable_empty_final_response"].bool_param = True
-        _add_input(message, "input_ids", "INT32", ids)
-        _add_input(message, "max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32))
-        _add_input(message, "min_tokens", "INT32", np.array([[min_tokens]], dtype=np.int32))
-        _add_input(message, "stream", "BOOL", np.array([[True]]))
-        _add_input(message, "poll_cancellation", "BOOL", np.array([[False]]))
-        return message
+        input_ids = InferInput("input_ids", list(ids.shape), "INT32")
+        input_ids.set_data_from_numpy(ids)
+        inputs = [input_ids, _scalar_input("max_tokens", "INT32", max_tokens, np.int32),
+                  _scalar_input("min_tokens", "INT32", min_tokens, np.int32),
+                  _scalar_input("stream", "BOOL", True, np.bool_),
+                  _scalar_input("poll_cancellation", "BOOL", False, np.bool_)]
+        return _request_message(self.model, PreparedRequest(inputs, f"direct-{self._next_id}", max_tokens))
 
     async def request(self, prompt: str, max_tokens: int, min_tokens: int) -> RequestRecord:
         """One generation; `chunks` holds the responses that carried new tokens (failures land in `error`)."""

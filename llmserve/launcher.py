@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import filecmp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -276,6 +277,21 @@ class TritonServer(ServerProcess):
     @property
     def health_url(self) -> str:
         return f"{self.http_url}/v2/health/ready"
+
+
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples on the server's metrics endpoint.
+
+    `labels` keeps only the samples carrying all of them, e.g. reason="cancelled".
+    """
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        body = response.read().decode()
+    samples = re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", body, re.MULTILINE)
+    values = [float(value) for label_text, value in samples
+              if all(f'{key}="{val}"' in label_text for key, val in labels.items())]
+    if not values:
+        raise KeyError(f"metric {name} {labels or ''} not found")
+    return sum(values)
 
 
 def main(argv: list[str] | None = None) -> None:

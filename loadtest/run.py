@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from llmserve.launcher import TritonServer, exec_with_parent, model_env
+from llmserve.launcher import TritonServer, exec_with_parent, metric, model_env
 from loadtest import defaults
 from loadtest.histogram import FINE_PERCENTILES, read_percentiles
 from loadtest.prompts import DEFAULT_PROMPTS
 from loadtest.summary import Summary, read_stats
 # The one Prometheus text reader of the project (also used by the e2e tests).
-from tests.ensemble_requests import metric
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import queue
-import re
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,18 +83,3 @@ def read_response(response, result: StreamResult) -> None:
     result.finish_reason = response.as_numpy("finish_reason").reshape(-1)[0].decode()
     result.num_input_tokens = int(response.as_numpy("num_input_tokens").reshape(-1)[0])
     result.num_output_tokens = int(response.as_numpy("num_output_tokens").reshape(-1)[0])
-
-
-def metric(metrics_url: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus metric's samples on the server's metrics endpoint.
-
-    `labels` keeps only the samples carrying all of them, e.g. reason="cancelled".
-    """
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        body = response.read().decode()
-    samples = re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", body, re.MULTILINE)
-    values = [float(value) for label_text, value in samples
-              if all(f'{key}="{val}"' in label_text for key, val in labels.items())]
-    if not values:
-        raise KeyError(f"metric {name} {labels or ''} not found")
-    return sum(values)

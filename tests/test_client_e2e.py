@@ -29,7 +29,7 @@ import grpc
 import pytest
 
 from client import AsyncClient, BadRequestError, Client, ModelNotFoundError, RequestTimeoutError
-from tests.ensemble_requests import metric
+from llmserve.launcher import metric
 
 pytestmark = pytest.mark.e2e
 

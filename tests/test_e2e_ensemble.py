@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.ensemble_requests import metric, run_stream
+from llmserve.launcher import metric
+from tests.ensemble_requests import run_stream
 
 pytestmark = pytest.mark.e2e
 
