@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from bench import engine_limit, loadgen, report
@@ -69,6 +70,7 @@ class _ServedSystem:
     def __init__(self, args, name: str, server) -> None:
         self.args, self.name, self.server = args, name, server
         self.loop = asyncio.new_event_loop()
+        self.requests_sent = 0
 
     def __enter__(self):
         self.server.start()
@@ -82,6 +84,7 @@ class _ServedSystem:
 
     def run_level(self, concurrency: int, per_worker: int | None = None):
         per_worker = per_worker or requests_per_worker(self.args, concurrency)
+        self.requests_sent += concurrency * per_worker
         return self.loop.run_until_complete(loadgen.run_level(self.request, PROMPTS, concurrency, per_worker))
 
     def close_client(self) -> None:
@@ -89,6 +92,18 @@ class _ServedSystem:
 
     def prompt_tokens(self) -> tuple[float, float] | None:
         return None
+
+
+METRICS_SETTLE_S = 5.0
+
+
+def _requests_finished(metrics_url: str) -> float:
+    from llmserve.launcher import metric
+
+    try:
+        return metric(metrics_url, "llm_requests_finished_total")
+    except KeyError:  # no request has finished yet: the family has no sample
+        return 0.0
 
 
 class TritonSystem(_ServedSystem):
@@ -115,6 +130,11 @@ class TritonSystem(_ServedSystem):
         from llmserve.launcher import metric
 
         url = self.server.metrics_url
+        # `llm` flushes its counters after the step that finishes a request, which can come after the
+        # client has the last response: read them once every request sent so far is counted.
+        deadline = time.monotonic() + METRICS_SETTLE_S
+        while _requests_finished(url) < self.requests_sent and time.monotonic() < deadline:
+            time.sleep(0.01)
         return metric(url, "llm_prompt_tokens_total"), metric(url, "llm_prefix_cache_hit_tokens_total")
 
 
@@ -240,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary = summarize(runs[system.name])
                 admitted, cached = prompt_tokens[system.name]
                 if admitted:
+                    summary["prompt_tokens"] = admitted
                     summary["prefix_cached_share"] = cached / admitted
                 _store(results, system.name, c, summary)
     results["ratios"] = report.ratios(results)
