@@ -131,7 +131,8 @@ class TritonSystem(_ServedSystem):
 
         url = self.server.metrics_url
         # `llm` flushes its counters after the step that finishes a request, which can come after the
-        # client has the last response: read them once every request sent so far is counted.
+        # client has the last response: read them once every request sent so far is counted (or after
+        # METRICS_SETTLE_S: a request refused before the engine is never counted).
         deadline = time.monotonic() + METRICS_SETTLE_S
         while _requests_finished(url) < self.requests_sent and time.monotonic() < deadline:
             time.sleep(0.01)
