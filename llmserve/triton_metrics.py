@@ -51,6 +51,7 @@ class EngineMetrics:
         self._add("prompt", stats.prompt_tokens)
         self._add("prefix_cached", stats.prefix_cached_tokens)
         self._add("steps", stats.steps)
+        # Finished requests last: a reader that sees a request counted sees its tokens too (the bench).
         for reason, count in stats.finished.items():
             key = f"finished:{reason}"
             if key not in self._metrics:

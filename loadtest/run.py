@@ -31,7 +31,6 @@ from loadtest import defaults
 from loadtest.histogram import FINE_PERCENTILES, read_percentiles
 from loadtest.prompts import DEFAULT_PROMPTS
 from loadtest.summary import Summary, read_stats
-# The one Prometheus text reader of the project (also used by the e2e tests).
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
