@@ -28,9 +28,9 @@ install: $(VENV)/.installed
 
 # Builds the default model once; the script returns at once when it is already built.
 model: install
-	$(PY) build/build_default_model.py --out $(DEFAULT_MODEL_DIR)
+	$(PY) tools/build_default_model.py --out $(DEFAULT_MODEL_DIR)
 
-# The compiled engine RUNTIME loads (build/engines/); returns at once when it is up to date.
+# The compiled engine RUNTIME loads (build/compiled/); returns at once when it is up to date.
 engine: install model
 ifeq ($(RUNTIME),torch)
 	@echo "RUNTIME=torch loads the Hugging Face weights directly: there is no engine to build"
@@ -39,7 +39,7 @@ else
 endif
 
 serve: install model $(if $(filter-out torch,$(RUNTIME)),engine)
-	$(PY) -m llmserve.launcher --model-dir $(MODEL_DIR) --runtime $(RUNTIME) \
+	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) --runtime $(RUNTIME) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 
 test: install model

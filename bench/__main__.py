@@ -22,8 +22,8 @@ from pathlib import Path
 from bench import engine_limit, loadgen, report
 from bench.metrics import summarize
 from bench.prompts import PROMPTS
-from llmserve.memory import freeze_startup_objects
-from llmserve.settings import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
+from llmserve.triton.gc_freeze import freeze_startup_objects
+from llmserve.engine.config import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ METRICS_SETTLE_S = 5.0
 
 
 def _requests_finished(metrics_url: str) -> float:
-    from llmserve.launcher import metric
+    from llmserve.triton.launcher import metric
 
     try:
         return metric(metrics_url, "llm_requests_finished_total")
@@ -108,7 +108,7 @@ def _requests_finished(metrics_url: str) -> float:
 
 class TritonSystem(_ServedSystem):
     def __init__(self, args, name: str = "triton", settings: dict[str, str] | None = None) -> None:
-        from llmserve.launcher import TritonServer, model_env
+        from llmserve.triton.launcher import TritonServer, model_env
 
         env = model_env(args.model_dir, **{"runtime": args.runtime, **(settings or {})})
         super().__init__(args, name, TritonServer(env=env, log_path=args.out / f"{name}.log"))
@@ -127,7 +127,7 @@ class TritonSystem(_ServedSystem):
             self.loop.run_until_complete(self.client.close())
 
     def prompt_tokens(self) -> tuple[float, float]:
-        from llmserve.launcher import metric
+        from llmserve.triton.launcher import metric
 
         url = self.server.metrics_url
         # `llm` flushes its counters after the step that finishes a request, which can come after the
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                              "after its predecessor ends (staggered, as through a server), side by side")
     parser.add_argument("--variant", type=_variant, action="append", default=[],
                         help="also run this server with other llm settings, side by side: "
-                             "NAME:KEY=VALUE,... (e.g. per-step:max_stream_responses_per_s=)")
+                             "NAME:KEY=VALUE,... (e.g. per-step:max_stream_responses_per_s=none)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {

@@ -8,16 +8,17 @@ import statistics
 import time
 
 from bench.records import RequestRecord
-from llmserve.config import EngineConfig, SamplingParams, server_num_threads
-from llmserve.engine import LLMEngine
-from llmserve.launcher import ensure_engine
-from llmserve.memory import freeze_startup_objects
+from llmserve.engine.config import EngineConfig, SamplingParams
+from llmserve.triton.settings import server_num_threads
+from llmserve.engine.llm_engine import LLMEngine
+from llmserve.triton.launcher import ensure_compiled_model
+from llmserve.triton.gc_freeze import freeze_startup_objects
 
 
 def make_engine(model_dir: str, max_num_seqs: int, runtime: str) -> LLMEngine:
     """The engine as the `llm` model configures it (same runtime and threads, frozen start-up heap),
     minus the transport."""
-    ensure_engine(model_dir, runtime)
+    ensure_compiled_model(model_dir, runtime)
     engine = LLMEngine(EngineConfig(model_dir=model_dir, runtime=runtime, max_num_seqs=max_num_seqs,
                                   num_threads=server_num_threads()))
     freeze_startup_objects()

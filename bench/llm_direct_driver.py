@@ -21,8 +21,8 @@ from bench.records import RequestRecord
 # The client's own request building and stream ending (half-close, drain, cancel only if that fails).
 from client._tensors import PreparedRequest, _scalar_input
 from client.async_client import _end_stream, _request_message
-from llmserve.tokenizer import encode_prompt, load_tokenizer
-from llmserve.triton_io import OutputInfo
+from llmserve.engine.tokenizer import encode_prompt, load_tokenizer
+from llmserve.triton.packing import OutputInfo
 
 
 END_STREAM_TIMEOUT_S = 5.0

@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from llmserve.launcher import ServerProcess, free_port
+from llmserve.triton.launcher import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,14 @@ import time
 
 from bench.engine_limit import run_level
 from bench.prompts import PROMPTS
-from llmserve.config import EngineConfig
-from llmserve.engine import LLMEngine
-from llmserve.launcher import REPO_ROOT, ensure_engine
-from llmserve.memory import freeze_startup_objects
+from llmserve.engine.config import EngineConfig
+from llmserve.engine.llm_engine import LLMEngine
+from llmserve.triton.launcher import REPO_ROOT, ensure_compiled_model
+from llmserve.triton.gc_freeze import freeze_startup_objects
 
 
 def make_engine(model_dir: str, runtime: str, max_num_seqs: int, threads: int) -> LLMEngine:
-    ensure_engine(model_dir, runtime)  # build/engines/onnx/<model>, as `make engine` does
+    ensure_compiled_model(model_dir, runtime)  # build/compiled/onnx/<model>, as `make engine` does
     return LLMEngine(EngineConfig(model_dir=model_dir, runtime=runtime, max_num_seqs=max_num_seqs,
                                   num_threads=threads))
 

@@ -6,7 +6,7 @@
 # Settings (environment): RUNTIME (tensorrt | onnxruntime | torch; default tensorrt), MODEL_DIR
 # (a Hugging Face model folder; default the built one), PRECISION (tensorrt: fp16 (default) | fp32 |
 # int8 | fp8), LLM_MAX_NUM_SEQS (engine slots = the plan's max batch; default 64), LLM_DEVICE (cuda;
-# cpu for onnxruntime), and any other LLM_* setting of model_repository/llm (llmserve/settings.py).
+# cpu for onnxruntime), and any other LLM_* setting of model_repository/llm (llmserve/triton/settings.py).
 set -euo pipefail
 cd /opt/llmserve
 
@@ -21,9 +21,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     || echo "warning: nvidia-smi failed: is the GPU passed to the container (compose's device reservation, --gpus)?" >&2
 
 if [[ "$RUNTIME" != "torch" ]]; then
-    # Returns at once when the engine in build/engines is current for this GPU and model.
+    # Returns at once when the engine in build/compiled is current for this GPU and model.
     make --no-print-directory engine RUNTIME="$RUNTIME" MODEL_DIR="$MODEL_DIR" ${PRECISION:+PRECISION="$PRECISION"}
 fi
 
-exec .venv/bin/python -m llmserve.launcher --model-dir "$MODEL_DIR" --runtime "$RUNTIME" \
+exec .venv/bin/python -m llmserve.triton.launcher --model-dir "$MODEL_DIR" --runtime "$RUNTIME" \
     --http-port 8000 --grpc-port 8001 --metrics-port 8002

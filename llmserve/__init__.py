@@ -5,7 +5,7 @@ incremental detokenizer, usable and testable without a Triton server. The
 `model_repository/*/1/model.py` files are thin adapters over it.
 """
 
-from llmserve.config import EngineConfig, SamplingParams
+from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.errors import InvalidRequestError, OverloadedError
 
 __all__ = ["EngineConfig", "SamplingParams", "InvalidRequestError", "OverloadedError"]

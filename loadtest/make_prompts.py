@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from bench.prompts import PROMPTS as STORY_OPENINGS
-from build.build_default_model import make_story
+from tools.build_default_model import make_story
 from loadtest.prompts import DEFAULT_PROMPTS, Prompt
 
 QUESTIONS = [

@@ -5,7 +5,7 @@
     python -m loadtest.run --shape step --step-users 4 --step-time 15 --ttft-p95-ms 500
     python -m loadtest.run ... -- --loglevel DEBUG        # anything after -- goes to locust
 
-Without --host it starts tritonserver on free ports (llmserve.launcher) and stops
+Without --host it starts tritonserver on free ports (llmserve.triton.launcher) and stops
 it afterwards. Writes into --out (default build/loadtest/): locust_stats.csv,
 locust_stats_history.csv, locust_failures.csv, locust_exceptions.csv,
 locust_fine_percentiles.csv (TTFT/ITL/stream percentiles at 1% resolution),
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmserve.launcher import TritonServer, exec_with_parent, metric, model_env
+from llmserve.triton.launcher import TritonServer, exec_with_parent, metric, model_env
 from loadtest import defaults
 from loadtest.histogram import FINE_PERCENTILES, read_percentiles
 from loadtest.prompts import DEFAULT_PROMPTS

@@ -23,39 +23,41 @@ def default_model_dir() -> Path:
     """The built default model (built here if `make model` has not run)."""
     model_dir = Path(os.environ.get("LLMSERVE_MODEL_DIR", DEFAULT_MODEL_DIR))
     if not (model_dir / ".complete").exists() and model_dir == DEFAULT_MODEL_DIR:
-        subprocess.run([sys.executable, str(REPO_ROOT / "build" / "build_default_model.py"), "--out",
+        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "build_default_model.py"), "--out",
                         str(model_dir)], check=True)
     return model_dir
 
 
 @pytest.fixture(scope="session")
 def engine_factory(default_model_dir):
-    """Build in-process engines on the default model: engine_factory(max_num_seqs=..., ...)."""
-    from llmserve.config import EngineConfig
-    from llmserve.engine import LLMEngine
-    from llmserve.tokenizer import load_tokenizer
+    """Build in-process engines on the default model: engine_factory(max_num_seqs=..., ...); the
+    torch runner unless `runtime` says otherwise (the server's default needs an ONNX export)."""
+    from llmserve.engine.config import EngineConfig
+    from llmserve.engine.llm_engine import LLMEngine
+    from llmserve.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(default_model_dir)
 
-    def make(**overrides):
-        return LLMEngine(EngineConfig(model_dir=str(default_model_dir), **overrides), tokenizer=tokenizer)
+    def make(pacer=None, **overrides):
+        config = EngineConfig(model_dir=str(default_model_dir), **{"runtime": "torch", **overrides})
+        return LLMEngine(config, tokenizer=tokenizer, pacer=pacer)
 
     return make
 
 
 @pytest.fixture(scope="session")
-def onnx_engine_dir(default_model_dir, tmp_path_factory) -> Path:
+def onnx_compiled_dir(default_model_dir, tmp_path_factory) -> Path:
     """The default model exported for ONNX Runtime, once per session (into a temporary folder: the
-    build/engines engine of `make engine` is left alone)."""
+    build/compiled engine of `make engine` is left alone)."""
     from llmserve.export.onnx_export import export_onnx
 
-    return export_onnx(default_model_dir, out_dir=tmp_path_factory.mktemp("engines") / "onnx-default")
+    return export_onnx(default_model_dir, out_dir=tmp_path_factory.mktemp("compiled") / "onnx-default")
 
 
 @pytest.fixture(scope="session")
 def triton_server(default_model_dir, tmp_path_factory):
     """A real tritonserver on free ports serving model_repository/, stopped at the end."""
-    from llmserve.launcher import TritonServer, model_env
+    from llmserve.triton.launcher import TritonServer, model_env
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
     with TritonServer(env=model_env(str(default_model_dir)), log_path=log) as server:

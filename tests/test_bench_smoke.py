@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from bench.prompts import PROMPTS
-from llmserve.tokenizer import encode_prompt, load_tokenizer
+from llmserve.engine.tokenizer import encode_prompt, load_tokenizer
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

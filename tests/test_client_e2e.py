@@ -29,7 +29,7 @@ import grpc
 import pytest
 
 from client import AsyncClient, BadRequestError, Client, ModelNotFoundError, RequestTimeoutError
-from llmserve.launcher import metric
+from llmserve.triton.launcher import metric
 
 pytestmark = pytest.mark.e2e
 
@@ -445,7 +445,7 @@ def test_async_client_ends_streams_left_idle(triton_server, monkeypatch):
 def test_servers_start_while_an_async_client_holds_idle_streams(triton_server):
     """Starting a server forks this process. Python code between that fork and the exec (a
     `preexec_fn`) runs gRPC's fork handlers, which crashed ~1 child in 5 while a stream was open."""
-    from llmserve.launcher import exec_with_parent
+    from llmserve.triton.launcher import exec_with_parent
 
     async def run():
         async with AsyncClient(triton_server.grpc_url) as aclient:

@@ -33,7 +33,7 @@ from client import (
 from client import sync_client
 from client._common import TritonClient, close_abandoned_clients, normalize_url, send_stop
 from client._tensors import ChunkAssembler, _first_values, build_request, build_stop_inputs
-from llmserve.launcher import free_port
+from llmserve.triton.launcher import free_port
 
 # --------------------------------------------------------------------------- helpers
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from llmserve.config import EngineConfig, SamplingParams
+from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.errors import InvalidRequestError
-from llmserve.triton_io import parse_llm_request, parse_text_input
+from llmserve.triton.parsing import parse_llm_request, parse_text_input
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -97,7 +97,7 @@ def test_parse_stop_request():
 
 
 def test_output_info_round_trips():
-    from llmserve.triton_io import OutputInfo
+    from llmserve.triton.packing import OutputInfo
 
     for reason in ("", "stop", "length", "cancelled"):
         info = OutputInfo(5, -1, 12, 40, 2**40 + 3, reason)
@@ -106,21 +106,47 @@ def test_output_info_round_trips():
         assert OutputInfo.unpack(packed) == info
 
 
-def test_server_defaults_are_the_ones_config_pbtxt_names():
+def test_config_pbtxt_leaves_every_engine_default_to_engine_config():
+    """Each EngineConfig field is an `llm` setting, and config.pbtxt writes none of their defaults
+    (they live in EngineConfig alone); the server's runtime and slots are the bench's."""
+    import dataclasses
     import re
     from pathlib import Path
 
-    from llmserve.settings import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
+    from llmserve.engine.config import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
 
     config = (Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt").read_text()
-    named = re.search(r'key: "runtime" value \{ string_value: "(\w+)" \}', config).group(1)
-    assert named == DEFAULT_RUNTIME == "onnxruntime"
-    slots = re.search(r'key: "max_num_seqs" value \{ string_value: "(\d+)" \}', config).group(1)
-    assert int(slots) == DEFAULT_MAX_NUM_SEQS  # the bench's in-process engine has the server's slots
+    values = dict(re.findall(r'key: "(\w+)" value \{ string_value: "([^"]*)" \}', config))
+    for field in dataclasses.fields(EngineConfig):
+        assert field.name in values, f"config.pbtxt has no {field.name} setting"
+        if field.name != "model_dir":
+            assert values[field.name] == "", f"config.pbtxt writes {field.name}'s default"
+    assert EngineConfig(model_dir="x").runtime == DEFAULT_RUNTIME == "onnxruntime"
+    assert EngineConfig(model_dir="x").max_num_seqs == DEFAULT_MAX_NUM_SEQS
+
+
+def test_engine_config_from_settings_takes_defaults_and_environment(monkeypatch, tmp_path):
+    import json
+
+    from llmserve.triton.settings import engine_config, max_stream_responses_per_s, server_num_threads
+
+    (tmp_path / "config.json").write_text("{}")
+    args = {"model_config": json.dumps({"parameters": {"max_num_seqs": {"string_value": ""},
+                                                       "dtype": {"string_value": "float16"}}}),
+            "model_repository": str(tmp_path / "repo" / "llm")}
+    monkeypatch.setenv("LLM_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("LLM_ENABLE_PREFIX_CACHING", "off")
+    monkeypatch.setenv("LLM_MAX_MODEL_LEN", "128")
+    config = engine_config(args)
+    assert config == EngineConfig(model_dir=str(tmp_path), dtype="float16", enable_prefix_caching=False,
+                                  max_model_len=128, num_threads=server_num_threads())
+    assert max_stream_responses_per_s(args) == 500.0
+    monkeypatch.setenv("LLM_MAX_STREAM_RESPONSES_PER_S", "none")
+    assert max_stream_responses_per_s(args) is None
 
 
 def test_boolean_settings_parse_or_name_the_setting():
-    from llmserve.settings import parse_bool
+    from llmserve.triton.settings import parse_bool
 
     assert parse_bool("x", " True") and parse_bool("x", "1") and not parse_bool("x", "off")
     with pytest.raises(ValueError, match="enable_prefix_caching must be true or false"):

@@ -1,4 +1,4 @@
-"""Checks on the locally built default model (see build/build_default_model.py).
+"""Checks on the locally built default model (see tools/build_default_model.py).
 
 The model folder comes from $LLMSERVE_MODEL_DIR, else build/models/default. These tests
 do not build it (that takes about a minute); they skip when it is missing. The check runs
@@ -28,7 +28,7 @@ def _require_built_model() -> None:
     # Module scope and autouse: runs before the module-scoped loaders below.
     if not (MODEL_DIR / ".complete").exists():
         pytest.skip(f"default model not built at {MODEL_DIR}; "
-                    "run python build/build_default_model.py")
+                    "run python tools/build_default_model.py")
 
 
 @pytest.fixture(scope="module")

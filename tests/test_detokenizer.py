@@ -2,7 +2,8 @@
 
 import pytest
 
-from llmserve.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, decode, decode_window
+from llmserve.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, decode
+from llmserve.triton.packing import decode_window
 
 TEXTS = [
     " Once upon a time, there was a cat.",

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from llmserve.launcher import metric
+from llmserve.triton.launcher import metric
 from tests.ensemble_requests import run_stream
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ PROMPTS = ["Once upon a time", "The little dog", "One day, Lily went to the park
 
 @pytest.fixture(scope="module")
 def torch_server(default_model_dir, tmp_path_factory):
-    from llmserve.launcher import TritonServer, model_env
+    from llmserve.triton.launcher import TritonServer, model_env
 
     env = model_env(str(default_model_dir), "torch")
     with TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton-torch") / "server.log") as server:

@@ -19,7 +19,7 @@ def gpt2_model_dir(default_model_dir, tmp_path_factory):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmserve.tokenizer import load_tokenizer
+    from llmserve.engine.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("gpt2")
     tokenizer = load_tokenizer(default_model_dir)
@@ -35,7 +35,7 @@ def gpt2_model_dir(default_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def second_server(triton_server, gpt2_model_dir, tmp_path_factory):
-    from llmserve.launcher import TritonServer, model_env
+    from llmserve.triton.launcher import TritonServer, model_env
 
     # The torch runtime end to end (the first server runs the default, onnxruntime).
     env = model_env(str(gpt2_model_dir), "torch", max_num_seqs=1, max_queued_requests=1)

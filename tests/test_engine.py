@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmserve.config import SamplingParams
+from llmserve.engine.config import SamplingParams
 from llmserve.errors import InvalidRequestError, OverloadedError
 
 PROMPTS = ["Once upon a time", "The little dog", "One day, Lily went to the park", "Tom and his friend",
@@ -144,8 +144,8 @@ def test_overload_is_refused(engine_factory):
 def test_merged_outputs_decode_to_the_joined_text(engine_factory):
     from functools import reduce
 
-    from llmserve.detokenizer import decode_window
-    from llmserve.engine import merge_outputs
+    from llmserve.triton.packing import decode_window
+    from llmserve.engine.llm_engine import merge_outputs
 
     engine = engine_factory()
     free = engine.generate(["Zürich café 🙂 Once upon a time"], SamplingParams(max_tokens=40))[0]
@@ -165,15 +165,15 @@ def test_merged_outputs_decode_to_the_joined_text(engine_factory):
     assert merged.finished and merged.finish_reason == "stop"
 
 
-def test_a_prefill_step_holds_due_pieces_for_at_most_one_interval(engine_factory, monkeypatch):
+def test_a_prefill_step_holds_due_pieces_for_at_most_one_interval(engine_factory):
     """With max_stream_responses_per_s, a running sequence's piece that falls due in a step that
     prefills a new prompt waits for the next step (merged, nothing lost), unless it is a whole
     interval late; the new prompt's first token goes out in that step."""
-    import llmserve.engine as engine_module
+    from llmserve.triton.pacing import ResponseRatePacer
 
     clock = type("Clock", (), {"now": 100.0, "monotonic": lambda self: self.now})()
-    monkeypatch.setattr(engine_module, "time", clock)
-    engine = engine_factory(max_stream_responses_per_s=1.0)  # interval: (running sequences) seconds
+    # interval: (running sequences) seconds
+    engine = engine_factory(pacer=ResponseRatePacer(1.0, clock=clock.monotonic))
     params = SamplingParams(max_tokens=40, min_tokens=40)
 
     def step_at(now):
@@ -195,7 +195,7 @@ def test_a_prefill_step_holds_due_pieces_for_at_most_one_interval(engine_factory
 
 
 def test_prefill_groups_cut_padding_and_keep_everyone(engine_factory):
-    from llmserve.engine import PREFILL_PASS_OVERHEAD_TOKENS, prefill_groups
+    from llmserve.engine.prefill import PREFILL_PASS_OVERHEAD_TOKENS, prefill_groups
 
     engine = engine_factory()
     seqs = [engine.add_request(str(n), [5] * n, SamplingParams(max_tokens=2)) for n in (3, 40, 4, 38, 3, 41, 5, 39)]
@@ -208,7 +208,7 @@ def test_prefill_groups_cut_padding_and_keep_everyone(engine_factory):
 
 
 def test_packed_prefill_groups_bound_each_pass(engine_factory):
-    from llmserve.engine import MAX_PACKED_PREFILL_TOKENS, packed_prefill_groups
+    from llmserve.engine.prefill import MAX_PACKED_PREFILL_TOKENS, packed_prefill_groups
 
     engine = engine_factory()
     cap = MAX_PACKED_PREFILL_TOKENS

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from llmserve.config import SamplingParams
-from llmserve.engine_loop import EngineLoop
+from llmserve.engine.config import SamplingParams
+from llmserve.engine.loop import EngineLoop
 from llmserve.errors import InvalidRequestError
 
 
@@ -229,8 +229,8 @@ def test_requests_stopped_by_their_caller_are_never_asked_about_cancellation(eng
 
 
 def test_outbox_sends_first_outputs_then_finals_then_the_rest():
-    from llmserve.engine import RequestOutput
-    from llmserve.engine_loop import _Outbox
+    from llmserve.engine.llm_engine import RequestOutput
+    from llmserve.engine.loop import _Outbox
 
     def output(seq_id, finished=False):
         return RequestOutput(seq_id, str(seq_id), [1], 0, -1, "x", finished, "length" if finished else None, 1, 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmserve import launcher
+from llmserve.triton import launcher
 
 
 def _fake_server(root: Path) -> Path:

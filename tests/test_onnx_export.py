@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from llmserve.export.__main__ import main as export_cli  # noqa: E402
 from llmserve.export.manifest import model_fingerprint  # noqa: E402
 from llmserve.export.onnx_export import ExportError, export_onnx  # noqa: E402
-from llmserve.model_runner import TorchModelRunner  # noqa: E402
+from llmserve.runners.torch_runner import TorchModelRunner  # noqa: E402
 from llmserve.models.attention import packed_layout  # noqa: E402
 
 ATOL = RTOL = 1e-4
@@ -44,24 +44,24 @@ def gpt2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gpt2_engine_dir(gpt2_dir, tmp_path_factory):
-    return export_onnx(gpt2_dir, out_dir=tmp_path_factory.mktemp("engines") / "gpt2")
+def gpt2_compiled_dir(gpt2_dir, tmp_path_factory):
+    return export_onnx(gpt2_dir, out_dir=tmp_path_factory.mktemp("compiled") / "gpt2")
 
 
 @pytest.fixture(params=["default", "gpt2"])
-def exported(request, default_model_dir, onnx_engine_dir, gpt2_dir, gpt2_engine_dir):
-    """(model_dir, engine_dir) of the default Llama-style model and of the tiny GPT-2."""
+def exported(request, default_model_dir, onnx_compiled_dir, gpt2_dir, gpt2_compiled_dir):
+    """(model_dir, compiled_dir) of the default Llama-style model and of the tiny GPT-2."""
     if request.param == "default":
-        return default_model_dir, onnx_engine_dir
-    return gpt2_dir, gpt2_engine_dir
+        return default_model_dir, onnx_compiled_dir
+    return gpt2_dir, gpt2_compiled_dir
 
 
 class Graph:
     """The ONNX graph on ONNX Runtime, fed as the interface describes (left padding)."""
 
-    def __init__(self, engine_dir):
-        self.manifest = json.loads((engine_dir / "engine.json").read_text())
-        self.session = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    def __init__(self, compiled_dir):
+        self.manifest = json.loads((compiled_dir / "manifest.json").read_text())
+        self.session = ort.InferenceSession(str(compiled_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -93,8 +93,8 @@ def _close(onnx_logits: np.ndarray, torch_logits: torch.Tensor) -> None:
 
 
 def test_prefill_and_decode_steps_match_torch(exported):
-    model_dir, engine_dir = exported
-    graph = Graph(engine_dir)
+    model_dir, compiled_dir = exported
+    graph = Graph(compiled_dir)
     runner = TorchModelRunner(model_dir, num_slots=len(PROMPTS))
     slots = list(range(len(PROMPTS)))
     expected = runner.forward(slots, PROMPTS, [0] * len(PROMPTS))
@@ -117,8 +117,8 @@ def test_prefill_and_decode_steps_match_torch(exported):
 
 def test_chunked_prefill_on_a_past_matches_torch(exported):
     """Several new tokens on top of a left-padded past: padding both in the past and in the new tokens."""
-    model_dir, engine_dir = exported
-    graph = Graph(engine_dir)
+    model_dir, compiled_dir = exported
+    graph = Graph(compiled_dir)
     runner = TorchModelRunner(model_dir, num_slots=2)
     first = [PROMPTS[0][:4], PROMPTS[1][:2]]
     second = [PROMPTS[0][4:], PROMPTS[1][2:]]
@@ -135,8 +135,8 @@ def test_chunked_prefill_on_a_past_matches_torch(exported):
 def test_packed_prefill_graph_matches_torch(exported):
     """prefill.onnx: the prompts packed end to end in one row, driven through its own I/O; its
     present K/V, fed to model.onnx as past (left padded), continues each prompt as torch does."""
-    model_dir, engine_dir = exported
-    session = ort.InferenceSession(str(engine_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    model_dir, compiled_dir = exported
+    session = ort.InferenceSession(str(compiled_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
     lengths = torch.tensor([len(p) for p in PROMPTS])
     layout = packed_layout(lengths, int(lengths.sum()), int(lengths.max()))
     feeds = {"input_ids": np.array([[t for p in PROMPTS for t in p]]), "position_ids": layout.positions[None].numpy(),
@@ -158,12 +158,12 @@ def test_packed_prefill_graph_matches_torch(exported):
     next_ids = expected.argmax(-1).tolist()
     expected = runner.forward(slots, [[t] for t in next_ids], lengths.tolist())
     ids, positions, step_mask = _left_padded([[t] for t in next_ids], lengths.tolist())
-    logits, _ = Graph(engine_dir).run(ids, positions, np.concatenate([mask, step_mask], axis=1), past)
+    logits, _ = Graph(compiled_dir).run(ids, positions, np.concatenate([mask, step_mask], axis=1), past)
     _close(logits, expected)
 
 
-def test_manifest_records_the_source(default_model_dir, onnx_engine_dir):
-    manifest = json.loads((onnx_engine_dir / "engine.json").read_text())
+def test_manifest_records_the_source(default_model_dir, onnx_compiled_dir):
+    manifest = json.loads((onnx_compiled_dir / "manifest.json").read_text())
     assert manifest["source_model_dir"] == str(default_model_dir.resolve())
     assert manifest["fingerprint"] == model_fingerprint(default_model_dir)
     assert (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"], manifest["vocab_size"]) == (
@@ -171,21 +171,21 @@ def test_manifest_records_the_source(default_model_dir, onnx_engine_dir):
     assert manifest["files"] == ["model.onnx", "prefill.onnx"] and manifest["dtype"] == "float32"
     assert manifest["prefill_model"] == "prefill.onnx"
     assert manifest["model_type"] == "llama" and manifest["opset"] == 23
-    proto = onnx.load(onnx_engine_dir / "model.onnx", load_external_data=False)
+    proto = onnx.load(onnx_compiled_dir / "model.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == ["batch", "seq"]
     assert dims["past_key_values.0.key"] == ["batch", 2, "past_seq", 48]
     assert dims["attention_mask"] == ["batch", "past_seq + seq"]
-    proto = onnx.load(onnx_engine_dir / "prefill.onnx", load_external_data=False)
+    proto = onnx.load(onnx_compiled_dir / "prefill.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims == {"input_ids": [1, "tokens"], "position_ids": [1, "tokens"], "padded_index": ["tokens"],
                     "prompt_mask": ["prompts", "longest"], "last_index": ["prompts"]}
 
 
-def test_export_is_skipped_when_current_and_redone_when_forced(gpt2_dir, gpt2_engine_dir):
-    before = (gpt2_engine_dir / "engine.json").stat().st_mtime_ns
-    assert export_onnx(gpt2_dir, out_dir=gpt2_engine_dir, force=False) == gpt2_engine_dir
-    assert (gpt2_engine_dir / "engine.json").stat().st_mtime_ns == before
+def test_export_is_skipped_when_current_and_redone_when_forced(gpt2_dir, gpt2_compiled_dir):
+    before = (gpt2_compiled_dir / "manifest.json").stat().st_mtime_ns
+    assert export_onnx(gpt2_dir, out_dir=gpt2_compiled_dir, force=False) == gpt2_compiled_dir
+    assert (gpt2_compiled_dir / "manifest.json").stat().st_mtime_ns == before
 
 
 def test_export_errors_name_the_problem(tmp_path, gpt2_dir):
@@ -205,5 +205,5 @@ def test_cli(tmp_path, gpt2_dir, capsys):
         export_cli(["--runtime", "onnxruntime", "--model-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="fp32 only"):
         export_cli(["--runtime", "onnxruntime", "--model-dir", str(gpt2_dir), "--precision", "int8"])
-    export_cli(["--runtime", "onnxruntime", "--model-dir", str(gpt2_dir), "--out", str(tmp_path / "engines")])
-    assert (tmp_path / "engines" / "onnx" / gpt2_dir.name / "model.onnx").is_file()
+    export_cli(["--runtime", "onnxruntime", "--model-dir", str(gpt2_dir), "--out", str(tmp_path / "compiled")])
+    assert (tmp_path / "compiled" / "onnx" / gpt2_dir.name / "model.onnx").is_file()

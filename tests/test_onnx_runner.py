@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 
-from llmserve.config import EngineConfig, SamplingParams
-from llmserve.engine import LLMEngine
-from llmserve.model_runner import TorchModelRunner
+from llmserve.engine.config import EngineConfig, SamplingParams
+from llmserve.engine.llm_engine import LLMEngine
+from llmserve.runners.torch_runner import TorchModelRunner
 from llmserve.runners import create_runner
 from llmserve.runners.kv_store import SlotStore
 from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
@@ -25,10 +25,10 @@ VOCAB = 2048
 
 
 @pytest.fixture(scope="module")
-def runners(default_model_dir, onnx_engine_dir):
+def runners(default_model_dir, onnx_compiled_dir):
     def make(num_slots: int = 8, **kwargs):
         return (TorchModelRunner(default_model_dir, num_slots=num_slots, **kwargs),
-                OnnxRuntimeRunner(default_model_dir, num_slots=num_slots, engine_dir=onnx_engine_dir, num_threads=1,
+                OnnxRuntimeRunner(default_model_dir, num_slots=num_slots, compiled_dir=onnx_compiled_dir, num_threads=1,
                                   **kwargs))
 
     return make
@@ -118,11 +118,11 @@ def test_copied_prefixes_continue_as_if_computed(runners):
     pair.decode([0, 1, 2], steps=3)
 
 
-def test_an_engine_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_engine_dir, tmp_path):
+def test_an_engine_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_compiled_dir, tmp_path):
     """An engine folder exported before prefill.onnx existed (or with it removed) still serves."""
     old = tmp_path / "engine"
-    shutil.copytree(onnx_engine_dir, old, ignore=shutil.ignore_patterns("prefill.onnx"))
-    runner = OnnxRuntimeRunner(default_model_dir, num_slots=4, engine_dir=old, num_threads=1)
+    shutil.copytree(onnx_compiled_dir, old, ignore=shutil.ignore_patterns("prefill.onnx"))
+    runner = OnnxRuntimeRunner(default_model_dir, num_slots=4, compiled_dir=old, num_threads=1)
     assert not runner.packs_prefill
     expected = TorchModelRunner(default_model_dir, num_slots=4).forward([0, 1], [[5, 6, 7], [20]], [0, 0])
     torch.testing.assert_close(runner.forward([0, 1], [[5, 6, 7], [20]], [0, 0]), expected, atol=1e-4, rtol=1e-4)
@@ -214,8 +214,8 @@ def test_same_metadata_and_errors_as_torch(runners):
         OnnxRuntimeRunner("unused", num_slots=1, dtype="float16")
 
 
-def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_engine_dir, tmp_path):
-    config = EngineConfig(model_dir=str(default_model_dir), runtime="onnxruntime", engine_dir=str(tmp_path / "none"))
+def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_compiled_dir, tmp_path):
+    config = EngineConfig(model_dir=str(default_model_dir), runtime="onnxruntime", compiled_dir=str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="make engine RUNTIME=onnxruntime MODEL_DIR="):
         create_runner(config)
     # The same engine folder, claimed by a model with other weights.
@@ -223,7 +223,7 @@ def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_engin
     shutil.copytree(default_model_dir, other)
     config_json = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config_json, "rms_norm_eps": 1e-5}))
-    config = EngineConfig(model_dir=str(other), runtime="onnxruntime", engine_dir=str(onnx_engine_dir))
+    config = EngineConfig(model_dir=str(other), runtime="onnxruntime", compiled_dir=str(onnx_compiled_dir))
     with pytest.raises(ValueError, match=r"built from .*default.*make engine RUNTIME=onnxruntime"):
         create_runner(config)
 
@@ -231,8 +231,8 @@ def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_engin
 def test_config_runtimes_and_engine_dir(default_model_dir):
     with pytest.raises(ValueError, match="runtime must be one of"):
         EngineConfig(model_dir="x", runtime="onnx")
-    with pytest.raises(ValueError, match="engine_dir"):
-        EngineConfig(model_dir="x", runtime="onnxruntime", engine_dir=" ")
+    with pytest.raises(ValueError, match="compiled_dir"):
+        EngineConfig(model_dir="x", runtime="onnxruntime", compiled_dir=" ")
 
 
 def _run_in_flight(engine: LLMEngine, schedule: dict[int, list[tuple[str, int]]]) -> dict[str, list[int]]:
@@ -249,7 +249,7 @@ def _run_in_flight(engine: LLMEngine, schedule: dict[int, list[tuple[str, int]]]
     return {name: seq.ids[seq.num_prompt_tokens:] for name, seq in seqs.items()}
 
 
-def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_engine_dir, engine_factory):
+def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_compiled_dir, engine_factory):
     schedule = {
         0: [("Once upon a time", 24), ("The little dog", 10), ("She said", 30)],
         3: [("In the morning the children went to school and", 12)],
@@ -257,7 +257,7 @@ def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_engine_
         14: [("The sun was shining", 15)],
     }
     results = {}
-    for runtime, extra in (("torch", {}), ("onnxruntime", {"engine_dir": str(onnx_engine_dir)})):
+    for runtime, extra in (("torch", {}), ("onnxruntime", {"compiled_dir": str(onnx_compiled_dir)})):
         engine = engine_factory(runtime=runtime, num_threads=1, max_num_seqs=8, **extra)
         assert type(engine.runner).__name__ == {"torch": "TorchModelRunner",
                                                  "onnxruntime": "OnnxRuntimeRunner"}[runtime]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from llmserve.config import SamplingParams
-from llmserve.kv_cache import SlotAllocator
-from llmserve.prefix_cache import PrefixCache, PrefixHit
+from llmserve.engine.config import SamplingParams
+from llmserve.engine.slots import SlotAllocator
+from llmserve.engine.prefix_cache import PrefixCache, PrefixHit
 
 FREE = lambda slot: True  # noqa: E731
 BUSY = lambda slot: False  # noqa: E731
@@ -54,7 +54,7 @@ def test_forget_drops_what_the_next_sequence_overwrites():
 
 
 def test_a_hash_collision_is_not_a_hit(monkeypatch):
-    import llmserve.prefix_cache as module
+    import llmserve.engine.prefix_cache as module
 
     cache = PrefixCache(num_slots=2, block_size=4)
     monkeypatch.setattr(module, "_prefix_keys", lambda ids, lengths, block_size: [0] * len(lengths))
@@ -86,8 +86,8 @@ BASE = ("Once upon a time there was a little girl named Lily. She loved to play 
 PARAMS = SamplingParams(max_tokens=12, min_tokens=12)
 
 
-def _engine(engine_factory, onnx_engine_dir, runtime, **overrides):
-    extra = {"engine_dir": str(onnx_engine_dir)} if runtime == "onnxruntime" else {}
+def _engine(engine_factory, onnx_compiled_dir, runtime, **overrides):
+    extra = {"compiled_dir": str(onnx_compiled_dir)} if runtime == "onnxruntime" else {}
     return engine_factory(runtime=runtime, num_threads=1, **extra, **overrides)
 
 
@@ -103,14 +103,14 @@ def _generate(engine, waves: list[list[str]], params=PARAMS) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
-def test_cached_prompts_give_the_tokens_of_full_prefills(engine_factory, onnx_engine_dir, runtime):
+def test_cached_prompts_give_the_tokens_of_full_prefills(engine_factory, onnx_compiled_dir, runtime):
     waves = [
         [BASE],
         [BASE, BASE, BASE + " ran to the river"],  # its own slot, a copy of it, a shared block prefix
         [BASE + " ran to the river", "The dog barked", BASE],  # the same again, beside a fresh prompt
     ]
-    expected = _generate(_engine(engine_factory, onnx_engine_dir, runtime, enable_prefix_caching=False), waves)
-    engine = _engine(engine_factory, onnx_engine_dir, runtime, max_num_seqs=4)
+    expected = _generate(_engine(engine_factory, onnx_compiled_dir, runtime, enable_prefix_caching=False), waves)
+    engine = _engine(engine_factory, onnx_compiled_dir, runtime, max_num_seqs=4)
     copies = []
     copy_prefix = engine.runner.copy_prefix
     engine.runner.copy_prefix = lambda *args: (copies.append(args), copy_prefix(*args))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llmserve.config import SamplingParams
-from llmserve.sampler import Sampler, apply_penalties, banned_tokens
-from llmserve.sequence import Sequence
+from llmserve.engine.config import SamplingParams
+from llmserve.engine.sampler import Sampler, apply_penalties, banned_tokens
+from llmserve.engine.sequence import Sequence
 
 VOCAB = 50
 

@@ -11,7 +11,7 @@ import time
 
 START_AND_HANG = textwrap.dedent("""
     import sys, time
-    from llmserve.launcher import ServerProcess, free_port
+    from llmserve.triton.launcher import ServerProcess, free_port
 
     class HttpServer(ServerProcess):
         name = "http.server"
@@ -59,7 +59,7 @@ def test_server_stops_when_its_starter_is_killed():
 
 def test_stop_leaves_no_process_of_the_server_behind(tmp_path):
     """Like a model stub that outlives its tritonserver: a child that ignores the stop signal."""
-    from llmserve.launcher import ServerProcess, free_port
+    from llmserve.triton.launcher import ServerProcess, free_port
 
     pid_file = tmp_path / "child.pid"
     stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"

@@ -1,8 +1,8 @@
 """Stop strings: matched on text, partial matches held back, output cut where the stop starts."""
 
-from llmserve.detokenizer import TextUnit
-from llmserve.output_buffer import OutputBuffer
-from llmserve.stop import StopStringMatcher
+from llmserve.engine.detokenizer import TextUnit
+from llmserve.engine.output_buffer import OutputBuffer
+from llmserve.engine.stop_strings import StopStringMatcher
 
 
 def feed(buffer: OutputBuffer, pieces: list[str], check_stop: bool = True):

@@ -45,18 +45,18 @@ FP16_ATOL = 0.1
 def test_cli_build_fails_clearly_without_tensorrt(default_model_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "llmserve.export", "--runtime", "tensorrt", "--model-dir", str(default_model_dir),
-         "--out", str(tmp_path / "engines")],
+         "--out", str(tmp_path / "compiled")],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "TensorRT is not installed here" in result.stderr
     assert "docker" in result.stderr and "README" in result.stderr  # says where it does run
-    assert not (tmp_path / "engines").exists()  # nothing exported, no plan of another kind
+    assert not (tmp_path / "compiled").exists()  # nothing exported, no plan of another kind
 
 
 @no_tensorrt
 def test_engine_config_tensorrt_without_tensorrt_fails_clearly(default_model_dir):
-    from llmserve.config import EngineConfig
-    from llmserve.engine import LLMEngine
+    from llmserve.engine.config import EngineConfig
+    from llmserve.engine.llm_engine import LLMEngine
     from llmserve.runners import create_runner
 
     config = EngineConfig(model_dir=str(default_model_dir), runtime="tensorrt", device="cuda")
@@ -147,7 +147,7 @@ def test_tensorrt_export_uses_only_operators_tensorrt_parses(tensorrt_onnx):
 def _run_scenario(runner, reference) -> list[tuple[str, float]]:
     """The engine's call pattern: ragged prefill, live decode steps, a prefill beside the live batch,
     a changed decode batch, a continued prefill (chunked); max |logits - reference| per call."""
-    from llmserve.tokenizer import load_tokenizer
+    from llmserve.engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(runner.model_dir_for_test)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
@@ -180,7 +180,7 @@ def _run_scenario(runner, reference) -> list[tuple[str, float]]:
 def test_tensorrt_packing_gives_torch_logits_through_onnxruntime(tensorrt_onnx, default_model_dir):
     """TensorRTRunner's K/V handling minus TensorRT: past >= 1 (a masked zero column) and prefill in
     parts (2 rows, 3 tokens at most), run by ONNX Runtime on the opset-18 graph."""
-    from llmserve.model_runner import TorchModelRunner
+    from llmserve.runners.torch_runner import TorchModelRunner
     from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
 
     class TensorRTPacking(OnnxRuntimeRunner):
@@ -188,7 +188,7 @@ def test_tensorrt_packing_gives_torch_logits_through_onnxruntime(tensorrt_onnx, 
         max_prefill_rows = 2
         max_prefill_tokens = 3
 
-    runner = TensorRTPacking(default_model_dir, num_slots=4, engine_dir=tensorrt_onnx, num_threads=1)
+    runner = TensorRTPacking(default_model_dir, num_slots=4, compiled_dir=tensorrt_onnx, num_threads=1)
     runner.model_dir_for_test = default_model_dir
     reference = TorchModelRunner(default_model_dir, num_slots=4)
     for name, diff in _run_scenario(runner, reference):
@@ -206,7 +206,7 @@ def test_compose_runs_the_tensorrt_image_on_one_gpu():
     assert service["deploy"]["resources"]["reservations"]["devices"] == [
         {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert sorted(service["ports"]) == ["8000:8000", "8001:8001", "8002:8002"]
-    assert "engines:/opt/llmserve/build/engines" in service["volumes"] and "engines" in compose["volumes"]
+    assert "compiled:/opt/llmserve/build/compiled" in service["volumes"] and "compiled" in compose["volumes"]
     assert service["environment"]["RUNTIME"] == "tensorrt"
     assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
 
@@ -241,9 +241,9 @@ def plans(default_model_dir, tmp_path_factory):
 
 
 def _plan_dir(root: Path, model_dir: Path) -> Path:
-    from llmserve.export.manifest import default_engine_dir
+    from llmserve.export.manifest import default_compiled_dir
 
-    return default_engine_dir("tensorrt", model_dir, root)
+    return default_compiled_dir("tensorrt", model_dir, root)
 
 
 @needs_tensorrt_gpu
@@ -267,10 +267,10 @@ def test_plans_record_what_they_were_built_from(plans, default_model_dir):
 @needs_tensorrt_gpu
 @pytest.mark.parametrize("precision, atol", [("fp32", FP32_ATOL), ("fp16", FP16_ATOL)])
 def test_tensorrt_logits_match_torch(plans, default_model_dir, precision, atol):
-    from llmserve.model_runner import TorchModelRunner
+    from llmserve.runners.torch_runner import TorchModelRunner
     from llmserve.runners.tensorrt_runner import TensorRTRunner
 
-    runner = TensorRTRunner(default_model_dir, num_slots=4, engine_dir=_plan_dir(plans[precision], default_model_dir))
+    runner = TensorRTRunner(default_model_dir, num_slots=4, compiled_dir=_plan_dir(plans[precision], default_model_dir))
     runner.model_dir_for_test = default_model_dir
     reference = TorchModelRunner(default_model_dir, num_slots=4, device="cuda")
     for name, diff in _run_scenario(runner, reference):
@@ -279,13 +279,13 @@ def test_tensorrt_logits_match_torch(plans, default_model_dir, precision, atol):
 
 @needs_tensorrt_gpu
 def test_greedy_generation_equals_torch_at_fp32(plans, default_model_dir):
-    from llmserve.config import EngineConfig, SamplingParams
-    from llmserve.engine import LLMEngine
+    from llmserve.engine.config import EngineConfig, SamplingParams
+    from llmserve.engine.llm_engine import LLMEngine
     from llmserve.runners.tensorrt_runner import TensorRTRunner
 
     params = SamplingParams(max_tokens=24)
-    torch_engine = LLMEngine(EngineConfig(model_dir=str(default_model_dir), max_num_seqs=8, device="cuda"))
-    runner = TensorRTRunner(default_model_dir, num_slots=8, engine_dir=_plan_dir(plans["fp32"], default_model_dir))
+    torch_engine = LLMEngine(EngineConfig(model_dir=str(default_model_dir), runtime="torch", max_num_seqs=8, device="cuda"))
+    runner = TensorRTRunner(default_model_dir, num_slots=8, compiled_dir=_plan_dir(plans["fp32"], default_model_dir))
     trt_engine = LLMEngine(EngineConfig(model_dir=str(default_model_dir), runtime="tensorrt", max_num_seqs=8,
                                         device="cuda"), runner=runner)
     assert trt_engine.generate(PROMPTS, params) == torch_engine.generate(PROMPTS, params)
@@ -294,11 +294,11 @@ def test_greedy_generation_equals_torch_at_fp32(plans, default_model_dir):
 @needs_tensorrt_gpu
 @pytest.mark.e2e
 def test_streaming_request_through_tritonserver_with_tensorrt(plans, default_model_dir, tmp_path):
-    from llmserve.launcher import TritonServer, model_env
+    from llmserve.triton.launcher import TritonServer, model_env
     from tests.ensemble_requests import run_stream
 
     env = model_env(str(default_model_dir), "tensorrt", device="cuda", max_num_seqs=8,
-                    engine_dir=str(_plan_dir(plans["fp16"], default_model_dir)))
+                    compiled_dir=str(_plan_dir(plans["fp16"], default_model_dir)))
     with TritonServer(env=env, log_path=tmp_path / "server.log") as server:
         result = run_stream(server.grpc_url, text_input="Once upon a time", max_tokens=16, stream=True)
     assert result.error is None, result.error

@@ -1,4 +1,4 @@
-"""`python -m llmserve.export --runtime onnxruntime|tensorrt --model-dir DIR [--out build/engines]
+"""`python -m llmserve.export --runtime onnxruntime|tensorrt --model-dir DIR [--out build/compiled]
 [--precision ...]`: build the compiled engine a runtime loads (`make engine`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmserve.export.manifest import DEFAULT_ENGINES_ROOT
+from llmserve.export.manifest import COMPILED_ROOT
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmserve.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime", required=True, choices=(*RUNTIMES, "torch"))
     parser.add_argument("--model-dir", required=True, help="Hugging Face model folder")
-    parser.add_argument("--out", default=str(DEFAULT_ENGINES_ROOT),
+    parser.add_argument("--out", default=str(COMPILED_ROOT),
                         help="engines root: the engine goes to <out>/<onnx|tensorrt>/<model folder name>/")
     parser.add_argument("--precision", default=None,
                         help="onnxruntime: fp32 (default); tensorrt: fp32, fp16 (default), int8, fp8")

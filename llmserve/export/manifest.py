@@ -1,4 +1,4 @@
-"""Where compiled engines live and what they were built from (`engine.json`).
+"""Where compiled engines live and what they were built from (`manifest.json`).
 
 Pure Python (no torch, no onnx): the runners check an engine against its model before loading it.
 """
@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ENGINES_ROOT = REPO_ROOT / "build" / "engines"
-MANIFEST = "engine.json"
+from llmserve.paths import COMPILED_ROOT
+
+MANIFEST = "manifest.json"
 # The folder under the engines root each runtime's engine is built into (llmserve/export/graph.py).
 RUNTIME_FOLDERS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 _SAMPLE = 1 << 20  # bytes hashed at each end of a large weight file
@@ -20,8 +20,8 @@ _FULL_HASH_LIMIT = 64 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 
 
-def default_engine_dir(runtime: str, model_dir: str | Path, root: str | Path = DEFAULT_ENGINES_ROOT) -> Path:
-    """`<root>/<runtime folder>/<model folder name>`; root defaults to the checkout's build/engines,
+def default_compiled_dir(runtime: str, model_dir: str | Path, root: str | Path = COMPILED_ROOT) -> Path:
+    """`<root>/<runtime folder>/<model folder name>`; root defaults to the checkout's build/compiled,
     so the path does not depend on the working directory (tritonserver's model stubs run elsewhere)."""
     try:
         folder = RUNTIME_FOLDERS[runtime]
@@ -60,15 +60,15 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
-    path = Path(engine_dir) / MANIFEST
+def read_manifest(compiled_dir: str | Path) -> dict[str, Any]:
+    path = Path(compiled_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     return json.loads(path.read_text())
 
 
-def write_manifest(engine_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    path = Path(engine_dir) / MANIFEST
+def write_manifest(compiled_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    path = Path(compiled_dir) / MANIFEST
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(path)  # a reader never sees half a manifest
@@ -79,15 +79,15 @@ def build_command(runtime: str, model_dir: str | Path) -> str:
     return f"make engine RUNTIME={runtime} MODEL_DIR={model_dir}"
 
 
-def check_engine(runtime: str, engine_dir: str | Path, model_dir: str | Path, artifact: str) -> dict[str, Any]:
-    """The manifest of the engine in `engine_dir`, after checking it exists and was built from
+def check_compiled_model(runtime: str, compiled_dir: str | Path, model_dir: str | Path, artifact: str) -> dict[str, Any]:
+    """The manifest of the engine in `compiled_dir`, after checking it exists and was built from
     `model_dir`'s current weights; FileNotFoundError / ValueError telling how to (re)build it."""
-    engine_dir, model_dir = Path(engine_dir), Path(model_dir)
+    compiled_dir, model_dir = Path(compiled_dir), Path(model_dir)
     rebuild = f"build it with `{build_command(runtime, model_dir)}`"
-    if not (engine_dir / artifact).is_file() or not (engine_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"no {runtime} engine at {engine_dir} ({artifact} and {MANIFEST} expected): {rebuild}")
-    manifest = read_manifest(engine_dir)
+    if not (compiled_dir / artifact).is_file() or not (compiled_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"no {runtime} engine at {compiled_dir} ({artifact} and {MANIFEST} expected): {rebuild}")
+    manifest = read_manifest(compiled_dir)
     if manifest.get("fingerprint") != model_fingerprint(model_dir):
-        raise ValueError(f"the {runtime} engine at {engine_dir} was built from {manifest.get('source_model_dir')}, "
+        raise ValueError(f"the {runtime} engine at {compiled_dir} was built from {manifest.get('source_model_dir')}, "
                          f"not from the current weights of {model_dir.resolve()}: re{rebuild}")
     return manifest

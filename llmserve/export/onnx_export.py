@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from llmserve.export.manifest import (DEFAULT_ENGINES_ROOT, MANIFEST, default_engine_dir, model_fingerprint,
+from llmserve.export.manifest import (COMPILED_ROOT, MANIFEST, default_compiled_dir, model_fingerprint,
                                       write_manifest)
 
 MODEL_FILE = "model.onnx"
@@ -28,7 +28,7 @@ PREFILL_FILE = "prefill.onnx"  # the packed-prefill graph (graph.py), ONNX Runti
 DEFAULT_OPSET = 23
 PRECISIONS = ("fp32",)
 # Bump when the graph the same weights export to changes (graph.py, the models' forward): an
-# engine.json with another version is rebuilt.
+# manifest.json with another version is rebuilt.
 GRAPH_VERSION = 1
 # Beyond this, weights go to model.onnx.data (protobuf's 2 GiB limit).
 EXTERNAL_DATA_BYTES = 1536 << 20
@@ -185,19 +185,19 @@ def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int, pa
     return all(manifest.get(key) == value for key, value in wanted.items())
 
 
-def export_onnx(model_dir: str | Path, out_root: str | Path = DEFAULT_ENGINES_ROOT, *, precision: str = "fp32",
+def export_onnx(model_dir: str | Path, out_root: str | Path = COMPILED_ROOT, *, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, out_dir: str | Path | None = None, force: bool = True,
                 packed_prefill: bool = True) -> Path:
     """Export `model_dir` to `<out_root>/onnx/<model folder name>/` (or `out_dir`): model.onnx
     (+ model.onnx.data for large models), prefill.onnx (the packed-prefill graph, unless
-    `packed_prefill` is False: TensorRT builds from model.onnx alone) and engine.json. Returns the
+    `packed_prefill` is False: TensorRT builds from model.onnx alone) and manifest.json. Returns the
     folder. With force=False, returns at once when the folder already holds this export of the
     model's current weights."""
     if precision not in PRECISIONS:
         raise ExportError(f"the ONNX Runtime engine is built in {' / '.join(PRECISIONS)} only, not {precision!r} "
                           "(half precision and int8 are TensorRT's: `--runtime tensorrt`)")
     model_dir = Path(model_dir).resolve()
-    out_dir = Path(out_dir) if out_dir is not None else default_engine_dir("onnxruntime", model_dir, out_root)
+    out_dir = Path(out_dir) if out_dir is not None else default_compiled_dir("onnxruntime", model_dir, out_root)
     if not force and is_current(out_dir, model_dir, precision=precision, opset=opset, packed_prefill=packed_prefill):
         return out_dir  # before the exporter's imports: a server start checks this every time
     _require_exporter()

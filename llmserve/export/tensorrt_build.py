@@ -1,8 +1,8 @@
 """Build a TensorRT plan from the decoder ONNX (TensorRT 10 Python API).
 
-`build/engines/onnx/<name>/model.onnx` -> `build/engines/tensorrt/<name>/model.plan` + `engine.json`
+`build/compiled/onnx/<name>/model.onnx` -> `build/compiled/tensorrt/<name>/model.plan` + `manifest.json`
 (what it was built from, for which GPU and TensorRT, with which profiles). A plan is tied to one
-GPU model and one TensorRT version, so `engine.json` is checked before every reuse.
+GPU model and one TensorRT version, so `manifest.json` is checked before every reuse.
 
 Two optimization profiles, because TensorRT sizes a context's activation memory for the largest
 shapes of its profile and attention's scratch grows as batch x seq x (past + seq):
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmserve.export.manifest import DEFAULT_ENGINES_ROOT, MANIFEST, default_engine_dir, write_manifest
+from llmserve.export.manifest import COMPILED_ROOT, MANIFEST, default_compiled_dir, write_manifest
 from llmserve.export.tensorrt_env import (PLAN_FILE, PLAN_FORMAT, GpuInfo, current_gpu, import_tensorrt,
                                           onnx_fingerprint, plan_mismatch, read_plan_info)
 
@@ -165,7 +165,7 @@ def _calibration_batches(model_dir: Path, shapes: dict[str, list[int]]) -> list[
     plain sentences, no past (one masked zero column), every token attended."""
     import torch
 
-    from llmserve.tokenizer import encode_text, load_tokenizer
+    from llmserve.engine.tokenizer import encode_text, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     batch, seq = shapes["input_ids"]
@@ -217,7 +217,7 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
                    max_num_tokens: int | None = None, max_prefill_batch: int = DEFAULT_MAX_PREFILL_BATCH,
                    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, model_dir: str | os.PathLike | None = None,
                    force: bool = False, log=print) -> Path:
-    """Build `out_dir/model.plan` + `out_dir/engine.json` from `onnx_dir/model.onnx`; returns out_dir.
+    """Build `out_dir/model.plan` + `out_dir/manifest.json` from `onnx_dir/model.onnx`; returns out_dir.
 
     Returns at once when the plan there was built from this ONNX, for this GPU and TensorRT,
     with these settings (unless `force`). Raises TensorRTUnavailableError without TensorRT or a
@@ -300,7 +300,7 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
         "runtime": "tensorrt",
         "plan": PLAN_FILE,
         "source": source,
-        "fingerprint": source["model_fingerprint"],  # of the HF model: manifest.check_engine compares it
+        "fingerprint": source["model_fingerprint"],  # of the HF model: manifest.check_compiled_model compares it
         "onnx_dir": str(onnx_dir),
         "source_model_dir": export_info.get("source_model_dir") or (str(Path(model_dir).resolve()) if model_dir else None),
         "gpu": {"name": gpu.name, "compute_capability": gpu.sm},
@@ -325,7 +325,7 @@ def _int8_calibrator(trt, builder, config, export_info, model_dir, layout: tuple
     source_model = export_info.get("source_model_dir") or model_dir
     if not source_model or not (Path(source_model) / "config.json").is_file():
         raise TensorRTBuildError("int8 calibration tokenizes text with the model's tokenizer: pass model_dir "
-                                 "(the ONNX's engine.json names no existing model folder)")
+                                 "(the ONNX's manifest.json names no existing model folder)")
     num_layers, num_kv_heads, head_dim = layout
     batch, seq = CALIBRATION_SHAPE
     fixed = {"input_ids": [batch, seq], "position_ids": [batch, seq], "attention_mask": [batch, 1 + seq]}
@@ -348,13 +348,13 @@ def stderr_log(message: str) -> None:
 
 
 def _serving_setting(key: str) -> int | None:
-    """The llm model's LLM_<KEY> override (llmserve.settings), when set: the plan is sized for the
+    """The llm model's LLM_<KEY> override (llmserve.triton.settings), when set: the plan is sized for the
     engine that will load it."""
     value = os.environ.get(f"LLM_{key.upper()}", "").strip()
     return int(value) if value else None
 
 
-def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLike = DEFAULT_ENGINES_ROOT, *,
+def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLike = COMPILED_ROOT, *,
                     precision: str = "fp16", max_batch_size: int | None = None,
                     max_model_len: int | None = None, max_num_tokens: int | None = None,
                     max_prefill_batch: int = DEFAULT_MAX_PREFILL_BATCH, force: bool = False,
@@ -375,7 +375,7 @@ def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLik
     from llmserve.export.onnx_export import export_onnx
 
     model_dir = Path(model_dir).resolve()
-    plan_dir = default_engine_dir("tensorrt", model_dir, engines_root)
+    plan_dir = default_compiled_dir("tensorrt", model_dir, engines_root)
     onnx_dir = export_onnx(model_dir, out_dir=plan_dir / "onnx", opset=TENSORRT_ONNX_OPSET, force=force,
                            packed_prefill=False)  # TensorRT builds from model.onnx alone
     return build_tensorrt(onnx_dir, plan_dir, precision=precision,

@@ -73,7 +73,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def onnx_fingerprint(onnx_dir: Path) -> dict[str, Any]:
     """What a plan records of the ONNX it was built from: the graph file's sha256, the sizes of its
-    external data files, and the export's own engine.json fingerprint (of the HF model)."""
+    external data files, and the export's own manifest.json fingerprint (of the HF model)."""
     graph = onnx_dir / "model.onnx"
     info_path = onnx_dir / MANIFEST
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -91,7 +91,7 @@ def read_plan_info(plan_dir: Path) -> dict[str, Any] | None:
 
 def plan_mismatch(info: dict[str, Any] | None, *, trt_version: str, gpu: GpuInfo,
                   source: dict[str, Any] | None = None, **wanted: Any) -> str | None:
-    """Why a plan (its engine.json `info`) cannot be used here, or None when it can.
+    """Why a plan (its manifest.json `info`) cannot be used here, or None when it can.
 
     `source` is the current ONNX fingerprint (None: not checked); `wanted` are build settings
     that must match (precision, max_batch_size, ...), None values skipped.
@@ -99,7 +99,7 @@ def plan_mismatch(info: dict[str, Any] | None, *, trt_version: str, gpu: GpuInfo
     if info is None:
         return "no plan has been built yet"
     if info.get("format") != PLAN_FORMAT:
-        return f"the plan's engine.json has format {info.get('format')}, this code reads {PLAN_FORMAT}"
+        return f"the plan's manifest.json has format {info.get('format')}, this code reads {PLAN_FORMAT}"
     built_gpu = info.get("gpu", {})
     if (built_gpu.get("name"), built_gpu.get("compute_capability")) != (gpu.name, gpu.sm):
         return (f"the plan was built for {built_gpu.get('name')} (compute capability "

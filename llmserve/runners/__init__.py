@@ -12,17 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmserve.config import EngineConfig
-from llmserve.export.manifest import REPO_ROOT
+from llmserve.engine.config import EngineConfig
+from llmserve.paths import from_repo_root
 
 
-def engine_dir_of(config: EngineConfig) -> str | None:
-    """config.engine_dir with a relative path taken from the repository root (tritonserver's model
-    stubs do not run there); None lets the runner use build/engines/<runtime>/<model folder name>."""
-    if config.engine_dir is None:
-        return None
-    path = Path(config.engine_dir)
-    return str(path if path.is_absolute() else REPO_ROOT / path)
+def compiled_dir_of(config: EngineConfig) -> Path:
+    """The compiled model's folder: config.compiled_dir (a relative path from the repository root:
+    tritonserver's model stubs do not run there), else where `make engine` builds it."""
+    from llmserve.export.manifest import default_compiled_dir
+
+    if config.compiled_dir is None:
+        return default_compiled_dir(config.runtime, config.model_dir)
+    return from_repo_root(config.compiled_dir)
 
 
 def create_runner(config: EngineConfig, *, num_threads: int | None = None):
@@ -31,16 +32,16 @@ def create_runner(config: EngineConfig, *, num_threads: int | None = None):
     common = dict(num_slots=config.max_num_seqs, max_model_len=config.max_model_len, device=config.device,
                   dtype=config.dtype)
     if config.runtime == "torch":
-        from llmserve.model_runner import TorchModelRunner
+        from llmserve.runners.torch_runner import TorchModelRunner
 
         return TorchModelRunner(config.model_dir, **common)
     if config.runtime == "onnxruntime":
         from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(config.model_dir, engine_dir=engine_dir_of(config), num_threads=num_threads,
+        return OnnxRuntimeRunner(config.model_dir, compiled_dir=compiled_dir_of(config), num_threads=num_threads,
                                  **common)
     if config.runtime == "tensorrt":
         from llmserve.runners.tensorrt_runner import TensorRTRunner
 
-        return TensorRTRunner(config.model_dir, engine_dir=engine_dir_of(config), **common)
+        return TensorRTRunner(config.model_dir, compiled_dir=compiled_dir_of(config), **common)
     raise ValueError(f"no runner for runtime {config.runtime!r}")

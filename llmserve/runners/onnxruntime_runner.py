@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmserve.export.manifest import check_engine, default_engine_dir
-from llmserve.model_runner import validate_token_ids
+from llmserve.export.manifest import check_compiled_model, default_compiled_dir
+from llmserve.runners.torch_runner import validate_token_ids
 from llmserve.models.attention import packed_layout
 from llmserve.models.hf_config import eos_token_ids, read_config
 from llmserve.runners.kv_store import Arena, SlotStore
@@ -41,7 +41,7 @@ class OnnxRuntimeRunner(PastPresentRunner):
     """Same interface and attributes as TorchModelRunner; float32 on the CPU only."""
 
     def __init__(self, model_dir: str | os.PathLike, *, num_slots: int, max_model_len: int | None = None,
-                 engine_dir: str | os.PathLike | None = None, num_threads: int | None = None,
+                 compiled_dir: str | os.PathLike | None = None, num_threads: int | None = None,
                  device: str = "cpu", dtype: str = "float32") -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be > 0, got {num_slots}")
@@ -51,11 +51,11 @@ class OnnxRuntimeRunner(PastPresentRunner):
             raise ValueError(f"runtime onnxruntime runs float32 on the CPU, not {dtype} on {device!r} "
                              "(use runtime torch or tensorrt)")
         ort = _import_onnxruntime()
-        engine_dir = Path(engine_dir) if engine_dir else default_engine_dir("onnxruntime", model_dir)
-        manifest = check_engine("onnxruntime", engine_dir, model_dir, MODEL_FILE)
+        compiled_dir = Path(compiled_dir) if compiled_dir else default_compiled_dir("onnxruntime", model_dir)
+        manifest = check_compiled_model("onnxruntime", compiled_dir, model_dir, MODEL_FILE)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
-        self.engine_dir = engine_dir
+        self.compiled_dir = compiled_dir
         self.vocab_size: int = manifest["vocab_size"]
         self.max_model_len: int = min(max_model_len or manifest["max_positions"], manifest["max_positions"])
         self.num_slots = num_slots
@@ -64,10 +64,10 @@ class OnnxRuntimeRunner(PastPresentRunner):
         self._present_names = manifest["outputs"][1:]
         self._kv_shape = (manifest["num_kv_heads"], manifest["head_dim"])
         options = _session_options(ort, num_threads)
-        self.session = ort.InferenceSession(str(engine_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(compiled_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
         prefill_file = manifest.get("prefill_model")
-        self.packs_prefill = bool(prefill_file) and (engine_dir / prefill_file).is_file()
-        self.prefill_session = (ort.InferenceSession(str(engine_dir / prefill_file), options,
+        self.packs_prefill = bool(prefill_file) and (compiled_dir / prefill_file).is_file()
+        self.prefill_session = (ort.InferenceSession(str(compiled_dir / prefill_file), options,
                                                      providers=["CPUExecutionProvider"])
                                 if self.packs_prefill else None)
         n = len(self._kv_names)

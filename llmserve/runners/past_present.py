@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmserve.model_runner import validate_batch, validate_token_ids
+from llmserve.runners.torch_runner import validate_batch, validate_token_ids
 from llmserve.runners.kv_store import Arena, SlotStore
 
 # When a decode batch is repacked instead of changed in place: more holes than this (beyond a

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llmserve.export.manifest import build_command, check_engine, default_engine_dir
+from llmserve.export.manifest import build_command, check_compiled_model, default_compiled_dir
 from llmserve.export.tensorrt_env import PLAN_FILE, current_gpu, import_tensorrt, plan_mismatch
 from llmserve.models.hf_config import eos_token_ids, read_config
 from llmserve.runners.kv_store import Arena, SlotStore
@@ -36,7 +36,7 @@ class TensorRTRunner(PastPresentRunner):
     min_past = 1  # one masked zero column rather than a zero-size profile dimension
 
     def __init__(self, model_dir: str | os.PathLike, *, num_slots: int, max_model_len: int | None = None,
-                 engine_dir: str | os.PathLike | None = None, device: str = "cuda",
+                 compiled_dir: str | os.PathLike | None = None, device: str = "cuda",
                  dtype: str = "float32") -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be > 0, got {num_slots}")
@@ -52,13 +52,13 @@ class TensorRTRunner(PastPresentRunner):
                              f"PRECISION=fp16|fp32|int8|fp8`); its I/O and K/V are float32, not {dtype}")
         gpu = current_gpu(self.device.index or 0)
         self.device = torch.device("cuda", self.device.index or 0)  # torch.cuda.set_device needs the index
-        plan_dir = Path(engine_dir) if engine_dir else default_engine_dir("tensorrt", model_dir)
-        manifest = check_engine("tensorrt", plan_dir, model_dir, PLAN_FILE)  # built, from these weights
+        plan_dir = Path(compiled_dir) if compiled_dir else default_compiled_dir("tensorrt", model_dir)
+        manifest = check_compiled_model("tensorrt", plan_dir, model_dir, PLAN_FILE)  # built, from these weights
         if reason := plan_mismatch(manifest, trt_version=trt.__version__, gpu=gpu):
             raise ValueError(f"the TensorRT plan at {plan_dir} cannot run here: {reason}: rebuild it with "
                              f"`{build_command('tensorrt', model_dir)}`")
         self.dtype = torch.float32
-        self.engine_dir = plan_dir
+        self.compiled_dir = plan_dir
         self.precision: str = manifest["precision"]
         self.num_slots = num_slots
         self.max_model_len: int = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
@@ -119,7 +119,7 @@ class TensorRTRunner(PastPresentRunner):
         for name, tensor in (*inputs.items(), *zip(self._kv_names, past)):
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise ValueError(f"{name} of shape {tuple(tensor.shape)} is outside the plan's "
-                                 f"{'decode' if T == 1 else 'prefill'} profile (see {self.engine_dir}/engine.json)")
+                                 f"{'decode' if T == 1 else 'prefill'} profile (see {self.compiled_dir}/manifest.json)")
             context.set_tensor_address(name, tensor.data_ptr())
         logits = torch.empty(B, self.vocab_size, device=self.device)
         for name, tensor in (("logits", logits), *zip(self._present_names, present)):
@@ -127,7 +127,7 @@ class TensorRTRunner(PastPresentRunner):
         # Stream-ordered with torch: `inputs` may be freed once enqueued (the caching allocator
         # reuses their memory only for later work on this stream).
         if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run the plan in {self.engine_dir} (see its log above)")
+            raise RuntimeError(f"TensorRT failed to run the plan in {self.compiled_dir} (see its log above)")
         return logits
 
 

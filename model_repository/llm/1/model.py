@@ -7,43 +7,24 @@ the engine loop's sender thread sends every response, from one place (`_send`).
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llmserve.config import EngineConfig, server_num_threads
-from llmserve.engine import LLMEngine, RequestOutput
-from llmserve.engine_loop import EngineLoop
+from llmserve.engine.llm_engine import LLMEngine, RequestOutput
+from llmserve.engine.loop import EngineLoop
 from llmserve.errors import InvalidRequestError
-from llmserve.memory import freeze_startup_objects
-from llmserve.settings import (DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME, model_parameter, parse_bool,
-                               resolve_model_dir)
-from llmserve.triton_io import OutputInfo, parse_llm_request
-from llmserve.triton_metrics import EngineMetrics
-from llmserve.triton_pb import error_response, request_inputs
+from llmserve.triton.backend import error_response, request_inputs
+from llmserve.triton.gc_freeze import freeze_startup_objects
+from llmserve.triton.metrics import EngineMetrics
+from llmserve.triton.pacing import ResponseRatePacer
+from llmserve.triton.packing import OutputInfo
+from llmserve.triton.parsing import parse_llm_request
+from llmserve.triton.settings import engine_config, max_stream_responses_per_s
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        def setting(key, default, kind=str):
-            value = model_parameter(args, key, "")
-            return kind(value) if value else default
-
-        config = EngineConfig(
-            model_dir=resolve_model_dir(args),
-            runtime=setting("runtime", DEFAULT_RUNTIME),
-            engine_dir=setting("engine_dir", None),
-            device=setting("device", "cpu"),
-            dtype=setting("dtype", "float32"),
-            max_num_seqs=setting("max_num_seqs", DEFAULT_MAX_NUM_SEQS, int),
-            max_model_len=setting("max_model_len", None, int),
-            max_num_batched_tokens=setting("max_num_batched_tokens", 2048, int),
-            max_queued_requests=setting("max_queued_requests", 256, int),
-            num_threads=setting("num_threads", server_num_threads(), int),
-            prefill_num_threads=setting("prefill_num_threads", None, int),
-            max_stream_responses_per_s=setting("max_stream_responses_per_s", None, float),
-            enable_prefix_caching=setting("enable_prefix_caching", True,
-                                          lambda value: parse_bool("enable_prefix_caching", value)),
-        )
-        self.engine = LLMEngine(config)
+        rate = max_stream_responses_per_s(args)
+        self.engine = LLMEngine(engine_config(args), pacer=ResponseRatePacer(rate) if rate else None)
         self.metrics = EngineMetrics({"model": args["model_name"]})
         self.loop = EngineLoop(self.engine, send=self._send, fail=self._fail,
                                is_cancelled=lambda sender: sender.is_cancelled(),
@@ -77,11 +58,9 @@ class TritonPythonModel:
                                       "(or a sequence_id)")
 
     def _send(self, sender, out: RequestOutput):
-        info = OutputInfo(out.prefix_length, out.text_length, out.num_input_tokens, out.num_output_tokens,
-                          out.seq_id, out.finish_reason or "")
         response = pb_utils.InferenceResponse([
             pb_utils.Tensor("token_ids", np.array([out.token_ids], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("output_info", info.pack()),
+            pb_utils.Tensor("output_info", OutputInfo.of(out).pack()),
         ])
         sender.send(response, flags=FINAL if out.finished else 0)
 

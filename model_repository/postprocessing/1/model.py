@@ -12,12 +12,12 @@ from collections import OrderedDict
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llmserve.detokenizer import decode_window
-from llmserve.memory import freeze_startup_objects
-from llmserve.settings import resolve_model_dir
-from llmserve.tokenizer import load_tokenizer
-from llmserve.triton_io import OutputInfo
-from llmserve.triton_pb import error_response, int_tensor, request_inputs, string_tensor
+from llmserve.triton.packing import decode_window
+from llmserve.triton.gc_freeze import freeze_startup_objects
+from llmserve.triton.settings import resolve_model_dir
+from llmserve.engine.tokenizer import load_tokenizer
+from llmserve.triton.packing import OutputInfo
+from llmserve.triton.backend import error_response, int_tensor, request_inputs, string_tensor
 
 _REMEMBERED_SEQUENCES = 4096
 # At ~3000 tokens/s (one sequence, onnxruntime) a check every 10 ms lets ~30 tokens through after a

@@ -8,11 +8,11 @@ end with an empty response and no error.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llmserve.memory import freeze_startup_objects
-from llmserve.settings import resolve_model_dir
-from llmserve.tokenizer import encode_prompt, load_tokenizer
-from llmserve.triton_io import parse_prompt_request
-from llmserve.triton_pb import error_response, request_inputs
+from llmserve.triton.gc_freeze import freeze_startup_objects
+from llmserve.triton.settings import resolve_model_dir
+from llmserve.engine.tokenizer import encode_prompt, load_tokenizer
+from llmserve.triton.parsing import parse_prompt_request
+from llmserve.triton.backend import error_response, request_inputs
 
 
 # The ensemble's cancellation never reaches `llm` (Triton 2.51): postprocessing stops it instead,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmserve.sequence import Sequence
+from llmserve.engine.sequence import Sequence
 
 
 def apply_penalties(row: torch.Tensor, seq: Sequence) -> None:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llmserve.config import SamplingParams
-from llmserve.engine import LLMEngine, RequestOutput, merge_outputs
+from llmserve.engine.config import SamplingParams
+from llmserve.engine.llm_engine import LLMEngine, RequestOutput, merge_outputs
 from llmserve.errors import OverloadedError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 Handle = Any
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class _Add:
     handle: Handle
     request_id: str
@@ -134,10 +134,9 @@ class EngineLoop:
         if self._stopping:
             raise OverloadedError("the engine is shutting down")
         self.engine.validate(prompt_ids, params)
-        limit = self.engine.config.max_queued_requests
-        if self.engine.num_waiting + self._inbox.qsize() >= limit:
-            raise OverloadedError(f"server overloaded: more than {limit} requests waiting for a slot")
-        self._inbox.put(_Add(handle, request_id, prompt_ids, params, stream, echo_prompt, poll_cancellation))
+        self.engine.scheduler.check_queue(extra_waiting=self._inbox.qsize())
+        self._inbox.put(_Add(handle=handle, request_id=request_id, prompt_ids=prompt_ids, params=params,
+                             stream=stream, echo_prompt=echo_prompt, poll_cancellation=poll_cancellation))
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id=request_id))

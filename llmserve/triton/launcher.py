@@ -8,7 +8,7 @@ Outside the NGC container the binary and its Python backend come from the
   loader path, so the running Python's LIBDIR goes first on LD_LIBRARY_PATH
   (the system's libpython can be a different patch release: `_PyModule_Add` errors).
 
-`python -m llmserve.launcher` runs a server in the foreground (`make serve`);
+`python -m llmserve.triton.launcher` runs a server in the foreground (`make serve`);
 `TritonServer` starts one on free ports for tests and benchmarks.
 """
 
@@ -32,8 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+from llmserve.engine.config import DEFAULT_RUNTIME
+from llmserve.paths import DEFAULT_MODEL_DIR, MODEL_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 
 
@@ -119,7 +119,7 @@ def server_command(install: TritonInstall, model_repository: Path, grpc_port: in
 
 
 def model_env(model_dir: str | None = None, runtime: str | None = None, **extra: str | int) -> dict[str, str]:
-    """LLM_* variables the models read (see llmserve.settings)."""
+    """LLM_* variables the models read (see llmserve.triton.settings)."""
     env = {"LLM_MODEL_DIR": str(Path(model_dir).resolve()) if model_dir else None, "LLM_RUNTIME": runtime}
     env = {k: v for k, v in env.items() if v}
     env.update({f"LLM_{k.upper()}": str(v) for k, v in extra.items()})  # "" = the setting's default
@@ -222,29 +222,27 @@ class ServerProcess:
         self.stop()
 
 
-def ensure_server_engine(env: dict[str, str]) -> None:
-    """`ensure_engine` for a server started with `env` (its LLM_* settings); an engine folder of
-    one's own (LLM_ENGINE_DIR) is one's own to build."""
-    if not env.get("LLM_ENGINE_DIR"):
-        ensure_engine(env.get("LLM_MODEL_DIR"), env.get("LLM_RUNTIME"))
+def ensure_server_compiled_model(env: dict[str, str]) -> None:
+    """`ensure_compiled_model` for a server started with `env` (its LLM_* settings); an engine folder of
+    one's own (LLM_COMPILED_DIR) is one's own to build."""
+    if not env.get("LLM_COMPILED_DIR"):
+        ensure_compiled_model(env.get("LLM_MODEL_DIR"), env.get("LLM_RUNTIME"))
 
 
-def ensure_engine(model_dir: str | os.PathLike | None = None, runtime: str | None = None) -> None:
-    """Build the ONNX Runtime engine of `model_dir` (default: the built model) in build/engines when
+def ensure_compiled_model(model_dir: str | os.PathLike | None = None, runtime: str | None = None) -> None:
+    """Build the ONNX Runtime engine of `model_dir` (default: the built model) in build/compiled when
     `runtime` (default: the server's) is onnxruntime and the engine is missing or was built from
     other weights; seconds, and at once when current: `make engine`'s step. A TensorRT plan is
     built by `make engine RUNTIME=tensorrt` (minutes, on the GPU) and only checked at load."""
-    from llmserve.settings import DEFAULT_MODEL_DIR, DEFAULT_RUNTIME
-
     if (runtime or DEFAULT_RUNTIME) == "onnxruntime":
         from llmserve.export.onnx_export import export_onnx
 
-        export_onnx(model_dir or REPO_ROOT / DEFAULT_MODEL_DIR, force=False)
+        export_onnx(model_dir or DEFAULT_MODEL_DIR, force=False)
 
 
 class TritonServer(ServerProcess):
     """tritonserver on free ports, serving the model repository (its ONNX Runtime engine built first
-    when missing: `ensure_server_engine`)."""
+    when missing: `ensure_server_compiled_model`)."""
 
     name = "tritonserver"
 
@@ -259,7 +257,7 @@ class TritonServer(ServerProcess):
                               self.metrics_port)
 
     def start(self, timeout: float = 240.0):
-        ensure_server_engine(self._env)
+        ensure_server_compiled_model(self._env)
         return super().start(timeout)
 
     @property
@@ -311,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     # TensorRT runs on the GPU only: `make serve RUNTIME=tensorrt` needs no LLM_DEVICE=cuda beside it.
     extra = {"device": "cuda"} if args.runtime == "tensorrt" and "LLM_DEVICE" not in os.environ else {}
     env = server_env(model_env(args.model_dir, args.runtime, **extra))
-    ensure_server_engine(env)
+    ensure_server_compiled_model(env)
     os.execvpe(cmd[0], cmd, env)
 
 

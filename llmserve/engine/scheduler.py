@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from llmserve.config import EngineConfig
+from llmserve.engine.config import EngineConfig
 from llmserve.errors import OverloadedError
-from llmserve.kv_cache import SlotAllocator
-from llmserve.prefix_cache import PrefixCache
-from llmserve.sequence import Sequence, SequenceStatus
+from llmserve.engine.slots import SlotAllocator
+from llmserve.engine.prefix_cache import PrefixCache
+from llmserve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -42,10 +42,15 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def check_queue(self, extra_waiting: int = 0) -> None:
+        """OverloadedError when the queue (plus `extra_waiting` requests not yet added) is full."""
+        waiting = len(self.waiting) + extra_waiting
+        if waiting >= self.config.max_queued_requests:
+            raise OverloadedError(f"server overloaded: {waiting} requests already waiting for a slot "
+                                  f"(max_queued_requests={self.config.max_queued_requests})")
+
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_queued_requests:
-            raise OverloadedError(f"server overloaded: {len(self.waiting)} requests already waiting "
-                                  f"for a slot (max_queued_requests={self.config.max_queued_requests})")
+        self.check_queue()
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch:

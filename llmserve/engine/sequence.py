@@ -9,9 +9,9 @@ import time
 import numpy as np
 import torch
 
-from llmserve.config import SamplingParams
-from llmserve.detokenizer import IncrementalDetokenizer
-from llmserve.output_buffer import OutputBuffer
+from llmserve.engine.config import SamplingParams
+from llmserve.engine.detokenizer import IncrementalDetokenizer
+from llmserve.engine.output_buffer import OutputBuffer
 
 _seq_ids = itertools.count(1)
 
@@ -25,7 +25,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
                  "num_prefix_cached", "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng",
-                 "token_counts", "seen_mask", "detokenizer", "output", "arrival_time", "next_send_time")
+                 "token_counts", "seen_mask", "detokenizer", "output", "arrival_time")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
                  stop_ids: frozenset[int], bad_word_ids: list[list[int]],
@@ -50,7 +50,6 @@ class Sequence:
         self.detokenizer = detokenizer
         self.output = output
         self.arrival_time = time.monotonic()
-        self.next_send_time = 0.0  # streaming: pieces wait until then (the first goes at once)
 
     @property
     def num_output_tokens(self) -> int:

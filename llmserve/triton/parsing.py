@@ -12,37 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmserve.config import SamplingParams
+from llmserve.engine.config import SamplingParams
 from llmserve.errors import InvalidRequestError
 
 Inputs = Mapping[str, np.ndarray]
-
-# An `llm` response is two tensors: `token_ids` (the decode window) and `output_info`,
-# the scalars below packed into one INT64 vector: every tensor costs a shared-memory
-# allocation and copies on each hop, and this path runs once per streamed piece.
-OUTPUT_INFO_FIELDS = ("prefix_length", "text_length", "num_input_tokens", "num_output_tokens",
-                      "sequence_id", "finish_reason")
-FINISH_REASONS = ("", "stop", "length", "cancelled")  # finish_reason's code is its index here
-
-
-@dataclass(slots=True, frozen=True)
-class OutputInfo:
-    prefix_length: int
-    text_length: int
-    num_input_tokens: int
-    num_output_tokens: int
-    sequence_id: int
-    finish_reason: str  # "" until the last response
-
-    def pack(self) -> np.ndarray:
-        return np.array([[self.prefix_length, self.text_length, self.num_input_tokens, self.num_output_tokens,
-                          self.sequence_id, FINISH_REASONS.index(self.finish_reason)]], dtype=np.int64)
-
-    @classmethod
-    def unpack(cls, array: np.ndarray) -> OutputInfo:
-        *values, finish = array.reshape(-1).tolist()
-        return cls(*values, FINISH_REASONS[finish])
-
 
 def _one_request(inputs: Inputs) -> None:
     for name, array in inputs.items():
@@ -94,14 +67,14 @@ def parse_text_input(inputs: Inputs) -> str:
     return text
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class LLMRequest:
-    prompt_ids: list[int] | None  # None for a stop request
-    params: SamplingParams | None
-    stream: bool
-    echo_prompt: bool
-    stop: bool  # TensorRT-LLM's `stop`: end the running request(s) with this request id
-    sequence_id: int | None  # with stop: end this engine sequence (postprocessing's cancel path)
+    prompt_ids: list[int] | None = None  # None for a stop request
+    params: SamplingParams | None = None
+    stream: bool = False
+    echo_prompt: bool = False
+    stop: bool = False  # TensorRT-LLM's `stop`: end the running request(s) with this request id
+    sequence_id: int | None = None  # with stop: end this engine sequence (postprocessing's cancel path)
     # False: don't poll Triton's is_cancelled() for it (an IPC per check); its caller sends a stop
     # instead. The ensemble says so: its cancellation never reaches `llm`, postprocessing stops it.
     poll_cancellation: bool = True
@@ -135,14 +108,14 @@ def parse_llm_request(inputs: Inputs) -> LLMRequest:
     _one_request(inputs)
     if _scalar(inputs, "stop"):
         seq_id = _scalar(inputs, "sequence_id")
-        return LLMRequest(None, None, False, False, True, None if seq_id is None else int(seq_id), False)
+        return LLMRequest(stop=True, sequence_id=None if seq_id is None else int(seq_id), poll_cancellation=False)
     ids = inputs.get("input_ids")
     if ids is None or ids.size == 0:
         raise InvalidRequestError("input 'input_ids' is required and must not be empty")
     params, stream, echo_prompt = parse_generation(inputs)
     poll = _scalar(inputs, "poll_cancellation")
-    return LLMRequest(ids.reshape(-1).astype(np.int64).tolist(), params, stream, echo_prompt, False, None,
-                      poll is None or bool(poll))
+    return LLMRequest(prompt_ids=ids.reshape(-1).astype(np.int64).tolist(), params=params, stream=stream,
+                      echo_prompt=echo_prompt, poll_cancellation=poll is None or bool(poll))
 
 
 _SAMPLING_INPUTS = {

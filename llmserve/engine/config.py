@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from llmserve.errors import InvalidRequestError
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
+# The defaults of every place that sizes an engine (the Triton model's settings, the bench, tests):
+# config.pbtxt leaves them empty. On CPU the ONNX Runtime runner is the fastest (docs/runtimes.md).
+DEFAULT_RUNTIME = "onnxruntime"
+DEFAULT_MAX_NUM_SEQS = 64
 
 
 @dataclass(slots=True, frozen=True)
@@ -17,51 +20,40 @@ class EngineConfig:
     """How the engine is sized. `max_model_len=None` takes the model's own context."""
 
     model_dir: str
-    runtime: str = "torch"
-    # Compiled engine folder (onnxruntime, tensorrt; relative = from the repository root);
-    # None = build/engines/<onnx|tensorrt>/<model folder name>, where `make engine` builds it.
-    engine_dir: str | None = None
+    runtime: str = DEFAULT_RUNTIME
+    # The compiled model's folder (onnxruntime, tensorrt; relative = from the repository root);
+    # None = build/compiled/<onnx|tensorrt>/<model folder name>, where `make engine` builds it.
+    compiled_dir: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    max_num_seqs: int = 64
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_model_len: int | None = None
     # Prompt tokens prefilled per step: bounds how long one step can stall decodes.
     max_num_batched_tokens: int = 2048
     # Requests allowed to wait for a slot before new ones are refused as overload.
     max_queued_requests: int = 256
-    # Streaming responses per second across all sequences; None = one per step each. Every
-    # response costs IPC and an ensemble hop on the way out; under load, a sequence's
-    # pieces are sent every (running sequences / this) seconds, merged, instead of per step.
-    max_stream_responses_per_s: float | None = None
-    # torch intra-op threads; None = torch's default. A server shares the cores with
-    # tritonserver, the other models and often the clients (see `server_num_threads`).
+    # torch intra-op threads (ONNX Runtime's pool); None = torch's default. A server shares the cores
+    # with tritonserver, the other models and often the clients: it sets half of them.
     num_threads: int | None = None
     prefill_num_threads: int | None = None  # None = num_threads
-    # A prompt starts from the K/V of an earlier prompt sharing its beginning (llmserve/prefix_cache.py).
+    # A prompt starts from the K/V of an earlier prompt sharing its beginning (llmserve/engine/prefix_cache.py).
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
-        if self.engine_dir is not None and not self.engine_dir.strip():
-            raise ValueError("engine_dir must be a folder path or None, got an empty string")
+        if self.compiled_dir is not None and not self.compiled_dir.strip():
+            raise ValueError("compiled_dir must be a folder path or None, got an empty string")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_stream_responses_per_s is not None and self.max_stream_responses_per_s <= 0:
-            raise ValueError(f"max_stream_responses_per_s must be > 0, got {self.max_stream_responses_per_s}")
         for name in ("num_threads", "prefill_num_threads"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
-
-
-def server_num_threads(cpus: int | None = None) -> int:
-    """Half the cores for the engine's matmuls, the rest for Triton, the other models and clients."""
-    return max(1, (cpus or os.cpu_count() or 2) // 2)
 
 
 def _require(condition: bool, message: str) -> None:

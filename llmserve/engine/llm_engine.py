@@ -5,24 +5,25 @@ Not thread-safe: one thread owns an engine (see `engine_loop.EngineLoop`).
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llmserve.config import EngineConfig, SamplingParams
-from llmserve.detokenizer import IncrementalDetokenizer, TextUnit, decode
+from llmserve.engine.config import EngineConfig, SamplingParams
+from llmserve.engine.detokenizer import IncrementalDetokenizer, TextUnit, decode
 from llmserve.errors import InvalidRequestError
-from llmserve.kv_cache import SlotAllocator
-from llmserve.output_buffer import Emission, OutputBuffer
-from llmserve.sampler import Sampler
-from llmserve.scheduler import Scheduler
-from llmserve.sequence import Sequence
-from llmserve.stop import StopStringMatcher
-from llmserve.tokenizer import encode_prompt, encode_text, load_tokenizer
+from llmserve.engine.slots import SlotAllocator
+from llmserve.engine.output_buffer import Emission, OutputBuffer
+from llmserve.engine.prefill import PARALLEL_PREFILL_MIN_TOKENS, packed_prefill_groups, prefill_groups
+from llmserve.engine.sampler import Sampler
+from llmserve.engine.scheduler import Scheduler
+from llmserve.engine.sequence import Sequence
+from llmserve.engine.stop_strings import StopStringMatcher
+from llmserve.engine.tokenizer import encode_prompt, encode_text, load_tokenizer
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,8 +31,8 @@ class RequestOutput:
     """What one sequence has to send after a step.
 
     The text is `token_ids` decoded past its first `prefix_length` tokens, cut to
-    `text_length` chars when >= 0 (`detokenizer.decode_window`); `text` is that
-    same string, for in-process callers.
+    `text_length` chars when >= 0 (a decode window: what the Triton side sends);
+    `text` is that same string, for in-process callers.
     """
 
     seq_id: int
@@ -59,58 +60,10 @@ def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
                    prefix_length=first.prefix_length, text_length=text_length, text=first.text + second.text)
 
 
-# What one more forward pass costs, in padded token positions: a prefill group is split off
-# only when it saves more padding than this.
-PREFILL_PASS_OVERHEAD_TOKENS = 32
-
-
-# Prefill passes of at least this many tokens use `prefill_num_threads`: a burst's big pass gains from
-# more cores, while a lone short prompt would only pay for waking them.
-PARALLEL_PREFILL_MIN_TOKENS = 64
-
-# Prompts packed into one pass, at most this many tokens: the first tokens of a big step's early
-# prompts go out after their own pass, and a pass's padded attention (B x longest^2) stays small.
-MAX_PACKED_PREFILL_TOKENS = 512
-
-
-def packed_prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Prompts for a runner that packs them (`packs_prefill`): consecutive runs of at most
-    MAX_PACKED_PREFILL_TOKENS tokens (a longer prompt goes alone)."""
-    groups: list[list[Sequence]] = []
-    tokens = MAX_PACKED_PREFILL_TOKENS
-    for seq in seqs:
-        n = len(seq.pending_ids)
-        if tokens + n > MAX_PACKED_PREFILL_TOKENS:
-            groups.append([])
-            tokens = 0
-        groups[-1].append(seq)
-        tokens += n
-    return groups
-
-
-def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Prompts padded into as few forward passes as pay off: sorted by length, split where the
-    padding saved beats a pass's overhead (an exact partition by dynamic programming)."""
-    if len(seqs) <= 1:
-        return [seqs] if seqs else []
-    ordered = sorted(seqs, key=lambda s: len(s.pending_ids))
-    lengths = [len(s.pending_ids) for s in ordered]
-    # best[j]: cheapest cost of the first j prompts; a group ordered[i:j] costs (j - i) * lengths[j - 1].
-    best, cut = [0.0] + [float("inf")] * len(ordered), [0] * (len(ordered) + 1)
-    for j in range(1, len(ordered) + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * lengths[j - 1] + PREFILL_PASS_OVERHEAD_TOKENS
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(ordered)
-    while j:
-        groups.append(ordered[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
-
-
 @dataclass(slots=True)
 class EngineStats:
+    """Running totals, kept by the engine thread."""
+
     steps: int = 0
     prompt_tokens: int = 0
     prefix_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
@@ -118,10 +71,61 @@ class EngineStats:
     finished: Counter = field(default_factory=Counter)  # by finish reason
 
 
+@dataclass(slots=True, frozen=True)
+class EngineSnapshot:
+    """The engine's state and totals at one moment, for metrics: readers need not know its parts."""
+
+    num_running: int
+    num_waiting: int
+    num_slots: int
+    num_slots_used: int
+    steps: int
+    prompt_tokens: int
+    prefix_cached_tokens: int
+    generated_tokens: int
+    finished: dict[str, int]
+    has_unfinished: bool
+
+    @property
+    def slot_usage(self) -> float:
+        return self.num_slots_used / self.num_slots
+
+
+class StreamPacer(Protocol):
+    """When a streaming sequence's released text goes out. The engine asks `due` for each sequence
+    with new text, and calls `sent` when it emits a piece, `finished` when the sequence ends;
+    `begin_step` opens each step."""
+
+    def begin_step(self, num_running: int, prefilling: bool) -> None: ...
+
+    def due(self, seq: Sequence) -> bool: ...
+
+    def sent(self, seq: Sequence) -> None: ...
+
+    def finished(self, seq: Sequence) -> None: ...
+
+
+class EveryStep:
+    """The default pacing: each step's new text goes out at once."""
+
+    def begin_step(self, num_running: int, prefilling: bool) -> None:
+        pass
+
+    def due(self, seq: Sequence) -> bool:
+        return True
+
+    def sent(self, seq: Sequence) -> None:
+        pass
+
+    def finished(self, seq: Sequence) -> None:
+        pass
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, *, runner=None,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, runner=None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 pacer: StreamPacer | None = None) -> None:
         self.config = config
+        self.pacer = pacer or EveryStep()
         # Prefill may use its own thread count (compute-bound bursts); decode shares the cores with
         # the transport.
         self._decode_threads = config.num_threads or torch.get_num_threads()
@@ -138,9 +142,6 @@ class LLMEngine:
         self.sampler = Sampler()
         self.stats = EngineStats()
         self._sequences: dict[int, Sequence] = {}
-        self._now = 0.0  # this step's clock and streaming interval (max_stream_responses_per_s)
-        self._send_interval = 0.0
-        self._hold = 0.0  # how much later than due a piece may go out this step
 
     # -- requests --------------------------------------------------------------
 
@@ -205,6 +206,15 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def snapshot(self) -> EngineSnapshot:
+        """The state and totals now (call it from the engine's thread, e.g. after a step)."""
+        slots, stats = self.scheduler.slots, self.stats
+        return EngineSnapshot(
+            num_running=self.num_running, num_waiting=self.num_waiting, num_slots=slots.num_slots,
+            num_slots_used=slots.num_used, steps=stats.steps, prompt_tokens=stats.prompt_tokens,
+            prefix_cached_tokens=stats.prefix_cached_tokens, generated_tokens=stats.generated_tokens,
+            finished=dict(stats.finished), has_unfinished=self.has_unfinished())
+
     # -- the step ----------------------------------------------------------------
 
     @torch.inference_mode()
@@ -212,13 +222,7 @@ class LLMEngine:
         """Run one step. With `emit`, each forward pass's outputs go out as soon as it is done (new
         requests' first tokens do not wait for the decode pass) and the step returns []."""
         batch = self.scheduler.schedule()
-        limit = self.config.max_stream_responses_per_s
-        self._send_interval = len(self.scheduler.running) / limit if limit else 0.0
-        # A step that prefills new prompts holds the running sequences' due pieces (for at most one
-        # more interval; they merge into the next output): its first tokens then do not queue behind
-        # them in the sender, the postprocessing model and the client.
-        self._hold = self._send_interval if batch.prefill else 0.0
-        self._now = time.monotonic()
+        self.pacer.begin_step(len(self.scheduler.running), prefilling=bool(batch.prefill))
         outputs: list[RequestOutput] = []
         for source, destination, length in batch.copies:
             self.runner.copy_prefix(source, destination, length)
@@ -267,10 +271,10 @@ class LLMEngine:
             return self._finish(seq, "stop", stop_matched=True)
         if seq.num_output_tokens >= params.max_tokens:
             return self._finish(seq, "length")
-        if seq.stream and self._now >= seq.next_send_time + self._hold:
+        if seq.stream and self.pacer.due(seq):
             emission = seq.output.take()
             if emission is not None:
-                seq.next_send_time = self._now + self._send_interval
+                self.pacer.sent(seq)
                 return self._output(seq, emission)
         return None
 
@@ -285,6 +289,7 @@ class LLMEngine:
         if slot is not None:
             self.runner.release(slot)
         del self._sequences[seq.seq_id]
+        self.pacer.finished(seq)
         seq.finish_reason = reason
         self.stats.finished[reason] += 1
         emission = seq.output.take() if reason != "cancelled" else None

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llmserve.model_runner import TorchModelRunner  # noqa: E402
+from llmserve.runners.torch_runner import TorchModelRunner  # noqa: E402
 from llmserve.models import load_model  # noqa: E402
 from tests.runner_contract import bad_forward_calls  # noqa: E402
 

@@ -7,9 +7,8 @@ prefix) plus the new ones, and keeps only the text past the prefix's text. A
 window whose text ends in U+FFFD is an incomplete character: wait for more
 tokens.
 
-`decode_window` is the whole contract between the `llm` model and
-`postprocessing`: the engine sends (window, prefix_length, text_length) and
-postprocessing recovers exactly the text the engine decided to emit.
+A run of units is one decode window (context tokens, then new ones): the Triton
+side sends windows and reads them back with `llmserve.triton.packing.decode_window`.
 """
 
 from __future__ import annotations
@@ -28,21 +27,12 @@ def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True) if ids else ""
 
 
-def decode_window(tokenizer: Tokenizer, token_ids: Sequence[int], prefix_length: int,
-                  text_length: int = -1) -> str:
-    """Text of `token_ids` past its first `prefix_length` tokens, cut to `text_length` chars if >= 0."""
-    text = decode(tokenizer, token_ids)
-    if prefix_length > 0:
-        text = text[len(decode(tokenizer, token_ids[:prefix_length])):]
-    return text if text_length < 0 else text[:text_length]
-
-
 @dataclass(slots=True, frozen=True)
 class TextUnit:
     """Text produced by tokens[read_offset:end_offset], decoded after context tokens[prefix_offset:read_offset].
 
     Consecutive units are contiguous (the next unit's read_offset is this one's
-    end_offset), so any run of them is one `decode_window` call.
+    end_offset), so any run of them decodes as one window.
     """
 
     prefix_offset: int

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmserve.detokenizer import TextUnit
-from llmserve.stop import StopStringMatcher
+from llmserve.engine.detokenizer import TextUnit
+from llmserve.engine.stop_strings import StopStringMatcher
 
 
 @dataclass(slots=True, frozen=True)

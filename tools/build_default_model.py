@@ -10,7 +10,7 @@ and deterministically on a couple of CPU cores:
 3. a small Llama causal LM (grouped-query attention, tied embeddings),
 4. saved with ``save_pretrained`` plus a ``.complete`` stamp written last.
 
-Usage: python build/build_default_model.py [--out build/models/default] [--force]
+Usage: python tools/build_default_model.py [--out build/models/default] [--force]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy so the "already built" path is inst
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "models" / "default"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "build" / "models" / "default"
 STAMP = ".complete"
 
 EOS = "<|endoftext|>"

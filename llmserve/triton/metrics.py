@@ -10,7 +10,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from llmserve.engine import LLMEngine
+from llmserve.engine.llm_engine import LLMEngine
 
 
 class EngineMetrics:
@@ -42,17 +42,16 @@ class EngineMetrics:
         if now < self._next_flush and engine.has_unfinished():
             return
         self._next_flush = now + self._interval
-        stats = engine.stats
-        slots = engine.scheduler.slots
-        self._set("running", engine.num_running)
-        self._set("waiting", engine.num_waiting)
-        self._set("kv", slots.num_used / slots.num_slots)
-        self._add("generated", stats.generated_tokens)
-        self._add("prompt", stats.prompt_tokens)
-        self._add("prefix_cached", stats.prefix_cached_tokens)
-        self._add("steps", stats.steps)
+        snapshot = engine.snapshot()
+        self._set("running", snapshot.num_running)
+        self._set("waiting", snapshot.num_waiting)
+        self._set("kv", snapshot.slot_usage)
+        self._add("generated", snapshot.generated_tokens)
+        self._add("prompt", snapshot.prompt_tokens)
+        self._add("prefix_cached", snapshot.prefix_cached_tokens)
+        self._add("steps", snapshot.steps)
         # Finished requests last: a reader that sees a request counted sees its tokens too (the bench).
-        for reason, count in stats.finished.items():
+        for reason, count in snapshot.finished.items():
             key = f"finished:{reason}"
             if key not in self._metrics:
                 self._metrics[key] = self._finished.Metric(labels={**self._labels, "reason": reason})
