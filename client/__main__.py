@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import time
 
@@ -18,6 +19,14 @@ from ._common import DEFAULT_URL
 from .errors import ClientError
 from .sync_client import Client
 from .types import StreamChunk
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\t`, `\r` and `\\` as the characters they name: a shell passes "\n\n" literally."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--min-tokens", type=int, help="generate at least this many tokens (EOS ignored before)")
-    p.add_argument("--stop", action="extend", nargs="+", metavar="STR", help="stop string(s); repeatable")
+    p.add_argument("--stop", action="extend", nargs="+", metavar="STR", type=unescape,
+                   help=r"stop string(s), with backslash escapes: \n newline, \t tab, \r, \\; repeatable")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole request (default 60)")
     return p
 

@@ -17,9 +17,8 @@ A request's stream stays open after its final response and carries the next
 request (one request at a time per stream; Triton answers each request on the
 stream it came in on, error responses included, each ending with its final
 flag). A new stream per request put the stream's set-up (and its close)
-between a request and the server, under load too: at 32 concurrent streams,
-reusing them took TTFT p50 from 22.1 to 17.6 ms (README "Performance"). Idle
-streams are ended after IDLE_STREAM_TIMEOUT_S, and by `close()`.
+between a request and the server, under load too (docs/notes/engine-and-triton.md).
+Idle streams are ended after IDLE_STREAM_TIMEOUT_S, and by `close()`.
 """
 
 from __future__ import annotations
@@ -197,9 +196,9 @@ class AsyncClient:
         # Awaiting the call (the write, then each response): a cancellation now also cancels the RPC.
         reading = True
         try:
-            if not await self._write(call, message, reused):  # the idle stream had ended meanwhile
+            if not await self._write(call, message, reused=reused):  # the idle stream had ended meanwhile
                 call = _open_stream(triton)
-                await self._write(call, message, False)
+                await self._write(call, message, reused=False)
             while True:
                 reading = True
                 response = await self._read(call, deadline)
@@ -264,12 +263,11 @@ class AsyncClient:
         self._stop_tasks.add(task)
         task.add_done_callback(self._stop_tasks.discard)
 
-    async def _write(self, call: grpc.aio.StreamStreamCall, message: service_pb2.ModelInferRequest,
+    async def _write(self, call: grpc.aio.StreamStreamCall, message: service_pb2.ModelInferRequest, *,
                      reused: bool) -> bool:
         """Write the request, in the caller's task: handing grpc.aio a request iterator instead
-        leaves the write to a task of its own, which under load runs milliseconds later (the
-        server waited 22 ms on average, 150 ms at p95, for the request of a new stream at
-        concurrency 32). False when a reused stream turns out to have ended since it was taken:
+        leaves the write to a task of its own, which under load runs milliseconds later
+        (docs/notes/engine-and-triton.md). False when a reused stream turns out to have ended since it was taken:
         nothing was sent, the caller opens a new one."""
         try:
             await call.write(message)

@@ -53,12 +53,9 @@ IDLE_STREAM_TIMEOUT_S = 1.0
 
 
 def _reuses_streams_by_default() -> bool:
-    """False under gevent's monkey-patching (locust, gevent servers). grpc's gevent integration
-    waits on each channel in a thread of gevent's native pool, so every idle open stream holds one:
-    with gevent's default of 10 threads they starved the other streams (16 greenlets with 1-2 s
-    between requests: TTFT p50 / p95 7.2 / 40.4 ms with a stream per request, 53.2 / 271.3 ms with
-    idle streams kept open); with 512 threads, keeping them open still cost the client more CPU at
-    120 greenlets (8.3 s against 6.1-6.8 s) for no better TTFT (p50 12.4 against 9.0-10.1 ms)."""
+    """False under gevent's monkey-patching (locust, gevent servers): grpc's gevent integration
+    waits on each channel in a thread of gevent's native pool, so every idle open stream holds one
+    and starves the other streams (docs/notes/engine-and-triton.md)."""
     monkey = sys.modules.get("gevent.monkey")
     return not (monkey is not None and monkey.is_module_patched("threading"))
 

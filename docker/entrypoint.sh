@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Container start: make sure the engine for RUNTIME exists for this GPU (built from the model on
-# first start, reused from the engines volume afterwards, rebuilt when it was made for another GPU,
+# Container start: make sure the compiled model for RUNTIME exists for this GPU (built from the model on
+# first start, reused from the compiled-model volume afterwards, rebuilt when it was made for another GPU,
 # TensorRT version or model), then serve the model repository in the foreground.
 #
 # Settings (environment): RUNTIME (tensorrt | onnxruntime | torch; default tensorrt), MODEL_DIR
 # (a Hugging Face model folder; default the built one), PRECISION (tensorrt: fp16 (default) | fp32 |
-# int8 | fp8), LLM_MAX_NUM_SEQS (engine slots = the plan's max batch; default 64), LLM_DEVICE (cuda;
+# int8 | fp8), LLM_MAX_NUM_SEQS (engine slots = the plan's max batch; default EngineConfig's), LLM_DEVICE (cuda;
 # cpu for onnxruntime), and any other LLM_* setting of model_repository/llm (llmserve/triton/settings.py).
 set -euo pipefail
 cd /opt/llmserve
@@ -15,13 +15,12 @@ MODEL_DIR="${MODEL_DIR:-build/models/default}"
 # TensorRT and torch run on the GPU; the ONNX Runtime runner is CPU-only.
 if [[ "$RUNTIME" == "onnxruntime" ]]; then default_device=cpu; else default_device=cuda; fi
 export LLM_DEVICE="${LLM_DEVICE:-$default_device}"
-export LLM_MAX_NUM_SEQS="${LLM_MAX_NUM_SEQS:-64}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     || echo "warning: nvidia-smi failed: is the GPU passed to the container (compose's device reservation, --gpus)?" >&2
 
 if [[ "$RUNTIME" != "torch" ]]; then
-    # Returns at once when the engine in build/compiled is current for this GPU and model.
+    # Returns at once when the compiled model in build/compiled is current for this GPU and model.
     make --no-print-directory engine RUNTIME="$RUNTIME" MODEL_DIR="$MODEL_DIR" ${PRECISION:+PRECISION="$PRECISION"}
 fi
 

@@ -14,8 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "build" / "models" / "default"
+from llmserve.paths import DEFAULT_MODEL_DIR, REPO_ROOT  # noqa: E402 (after the offline settings)
 
 
 @pytest.fixture(scope="session")

@@ -23,17 +23,16 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 
 from client import AsyncClient, BadRequestError, Client, ModelNotFoundError, RequestTimeoutError
+from llmserve.paths import REPO_ROOT
 from llmserve.triton.launcher import metric
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time"
 # Greedy, so that two runs of the same request produce the same text.
 GREEDY = {"temperature": 0.0, "seed": 1234}
@@ -194,6 +193,9 @@ ERROR_CASES = [
     pytest.param("ensemble", {"temperature": -1.0}, BadRequestError, "temperature", id="temperature"),
     pytest.param("ensemble", {"top_p": 2.0}, BadRequestError, "top_p", id="top_p"),
     pytest.param("nope", {}, ModelNotFoundError, "nope", id="unknown-model"),
+    pytest.param("ensemble", {"prompt": "Once upon a time " * 400}, BadRequestError, "context",
+                 id="prompt-longer-than-context"),
+    pytest.param("ensemble", {"max_tokens": 5000}, BadRequestError, "max_tokens", id="max-tokens-past-context"),
 ]
 
 
@@ -207,13 +209,15 @@ def test_server_errors_are_typed(triton_server, model, params, error, mentions):
     """The server's error arrives as a message on the stream (no `triton_grpc_error` mode), typed
     from its text, and without the frontend race that mode hits on Triton 2.51."""
     races = handle_cancellation_errors(triton_server)
+    params = {"max_tokens": 8, **params}
+    prompt = params.pop("prompt", PROMPT)
     with Client(triton_server.grpc_url, model=model) as sync_client, pytest.raises(error) as info:
-        sync_client.generate(PROMPT, max_tokens=8, **params)
+        sync_client.generate(prompt, **params)
     assert mentions in info.value.message
 
     async def run():
         async with AsyncClient(triton_server.grpc_url, model=model) as aclient:
-            await aclient.generate(PROMPT, max_tokens=8, **params)
+            await aclient.generate(prompt, **params)
 
     with pytest.raises(error, match=mentions):
         asyncio.run(run())

@@ -481,3 +481,11 @@ def test_a_stop_interrupted_by_a_kill_still_gives_the_connection_back(monkeypatc
     with pytest.raises(KeyboardInterrupt):
         client._end_request("connection", request, ChunkAssembler(4), stop=True, drain=True)
     assert released == [("connection", True)]
+
+
+def test_cli_stop_strings_take_backslash_escapes():
+    """A shell passes `--stop "\n\n"` as backslash-n twice: the CLI reads it as two newlines."""
+    from client.__main__ import _parser
+
+    args = _parser().parse_args(["prompt", "--stop", r"\n\n", r"tab\there", r"a\\nb", "plain"])
+    assert args.stop == ["\n\n", "tab\there", "a\\nb", "plain"]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from llmserve.paths import DEFAULT_MODEL_DIR
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, even by accident
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("LLMSERVE_MODEL_DIR", REPO_ROOT / "build" / "models" / "default"))
+MODEL_DIR = Path(os.environ.get("LLMSERVE_MODEL_DIR", DEFAULT_MODEL_DIR))
 
 # A word, optionally wrapped in quotes/brackets and followed by punctuation: `"Yes!`, `Lily's`.
 WORD = re.compile(r"""^["'(]*[A-Za-z]+(?:['’-][A-Za-z]+)*[.,!?;:"')]*$""")

@@ -1,6 +1,6 @@
 """LLMEngine: one step = schedule -> run -> sample -> postprocess.
 
-Not thread-safe: one thread owns an engine (see `engine_loop.EngineLoop`).
+Not thread-safe: one thread owns an engine (see `llmserve.engine.loop.EngineLoop`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from llmserve.engine.detokenizer import IncrementalDetokenizer, TextUnit, decode
 from llmserve.errors import InvalidRequestError
 from llmserve.engine.slots import SlotAllocator
 from llmserve.engine.output_buffer import Emission, OutputBuffer
-from llmserve.engine.prefill import PARALLEL_PREFILL_MIN_TOKENS, packed_prefill_groups, prefill_groups
+from llmserve.engine.prefill import PARALLEL_PREFILL_MIN_TOKENS, ForwardPass, plan_passes
 from llmserve.engine.sampler import Sampler
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
@@ -223,42 +223,35 @@ class LLMEngine:
         requests' first tokens do not wait for the decode pass) and the step returns []."""
         batch = self.scheduler.schedule()
         self.pacer.begin_step(len(self.scheduler.running), prefilling=bool(batch.prefill))
-        outputs: list[RequestOutput] = []
         for source, destination, length in batch.copies:
             self.runner.copy_prefix(source, destination, length)
-        # Prompts cached but for their last token join the decode pass; other cached prefixes leave
-        # ragged rests, padded and grouped by length; fresh prompts are packed when the runner can.
-        fresh, rests, joining = [], [], []
-        for seq in batch.prefill:
-            uncached = len(seq.ids) - seq.num_cached
-            (fresh if not seq.num_cached else joining if uncached == 1 else rests).append(seq)
-        decode = sorted(batch.decode + joining, key=lambda s: s.slot) if joining else batch.decode
-        grouping = packed_prefill_groups if self.runner.packs_prefill else prefill_groups
-        groups = [(g, self._prefill_threads if sum(len(s.pending_ids) for s in g) >= PARALLEL_PREFILL_MIN_TOKENS
-                   else self._decode_threads) for g in grouping(fresh) + prefill_groups(rests)]
-        if decode:
-            groups.append((decode, self._decode_threads))
-        for group, threads in groups:
-            torch.set_num_threads(threads)
-            logits = self.runner.forward([s.slot for s in group], [s.pending_ids for s in group],
-                                         [s.num_cached for s in group])
-            tokens = self.sampler(logits, group)
-            group_outputs = []
-            for seq, token in zip(group, tokens):
-                if seq.num_cached < seq.num_prompt_tokens:
-                    self.stats.prefix_cached_tokens += seq.num_prefix_cached
-                    self.scheduler.prompt_computed(seq)
-                seq.num_cached = len(seq.ids)
-                out = self._postprocess(seq, token)
-                if out is not None:
-                    group_outputs.append(out)
+        outputs: list[RequestOutput] = []
+        for forward_pass in plan_passes(batch.prefill, batch.decode, packs_prefill=self.runner.packs_prefill):
+            tokens = self._run(forward_pass)
+            pass_outputs = [out for seq, token in zip(forward_pass.seqs, tokens)
+                            if (out := self._postprocess(seq, token)) is not None]
             if emit is not None:
-                emit(group_outputs)
+                emit(pass_outputs)
             else:
-                outputs.extend(group_outputs)
+                outputs.extend(pass_outputs)
         if batch:
             self.stats.steps += 1
         return outputs
+
+    def _run(self, forward_pass: ForwardPass) -> list[int]:
+        """One forward pass and its sampled tokens; its prompts' K/V is then in their slots."""
+        seqs = forward_pass.seqs
+        big_prefill = forward_pass.prefill and forward_pass.num_tokens >= PARALLEL_PREFILL_MIN_TOKENS
+        torch.set_num_threads(self._prefill_threads if big_prefill else self._decode_threads)
+        logits = self.runner.forward([s.slot for s in seqs], [s.pending_ids for s in seqs],
+                                     [s.num_cached for s in seqs])
+        tokens = self.sampler(logits, seqs)
+        for seq in seqs:
+            if seq.num_cached < seq.num_prompt_tokens:
+                self.stats.prefix_cached_tokens += seq.num_prefix_cached
+                self.scheduler.prompt_computed(seq)
+            seq.num_cached = len(seq.ids)
+        return tokens
 
     def _postprocess(self, seq: Sequence, token: int) -> RequestOutput | None:
         params = seq.params

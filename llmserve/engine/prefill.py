@@ -1,6 +1,8 @@
-"""How a step's new prompts are grouped into forward passes."""
+"""How a step's sequences are grouped into forward passes."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from llmserve.engine.sequence import Sequence
 
@@ -52,3 +54,30 @@ def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
         groups.append(ordered[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+@dataclass(slots=True, frozen=True)
+class ForwardPass:
+    seqs: list[Sequence]
+    prefill: bool  # prompts (or their uncached rests); False: the decode pass
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.pending_ids) for s in self.seqs)
+
+
+def plan_passes(prefill: list[Sequence], decode: list[Sequence], *, packs_prefill: bool) -> list[ForwardPass]:
+    """A step's passes: fresh prompts (packed when the runner packs them, else padded in groups), the
+    rests of prompts with a cached prefix (padded, grouped by length), then one decode pass that
+    prompts cached but for their last token join."""
+    fresh, rests, joining = [], [], []
+    for seq in prefill:
+        uncached = len(seq.ids) - seq.num_cached
+        (fresh if not seq.num_cached else joining if uncached == 1 else rests).append(seq)
+    grouping = packed_prefill_groups if packs_prefill else prefill_groups
+    passes = [ForwardPass(group, prefill=True) for group in grouping(fresh) + prefill_groups(rests)]
+    if joining:
+        decode = sorted(decode + joining, key=lambda s: s.slot)
+    if decode:
+        passes.append(ForwardPass(decode, prefill=False))
+    return passes

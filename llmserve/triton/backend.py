@@ -13,8 +13,10 @@ def request_inputs(request) -> dict[str, np.ndarray]:
 
 
 def error_response(exc: Exception):
+    """An error response whose text says what kind it is: a streamed error reaches gRPC clients
+    without its status code, and clients type it from the text ("invalid request", "overloaded")."""
     if isinstance(exc, InvalidRequestError):
-        code, message = pb_utils.TritonError.INVALID_ARG, str(exc)
+        code, message = pb_utils.TritonError.INVALID_ARG, f"invalid request: {exc}"
     elif isinstance(exc, OverloadedError):
         code, message = pb_utils.TritonError.UNAVAILABLE, str(exc)
     else:

@@ -20,8 +20,8 @@ from llmserve.triton.packing import OutputInfo
 from llmserve.triton.backend import error_response, int_tensor, request_inputs, string_tensor
 
 _REMEMBERED_SEQUENCES = 4096
-# At ~3000 tokens/s (one sequence, onnxruntime) a check every 10 ms lets ~30 tokens through after a
-# cancel; under load a sequence's responses come further apart than this anyway.
+# How often a sequence's cancellation is asked: bounds the tokens generated after a cancel
+# (docs/notes/engine-and-triton.md).
 CANCEL_CHECK_S = 0.01
 
 
