@@ -144,8 +144,8 @@ def test_overload_is_refused(engine_factory):
 def test_merged_outputs_decode_to_the_joined_text(engine_factory):
     from functools import reduce
 
-    from llmserve.triton.packing import decode_window
     from llmserve.engine.llm_engine import merge_outputs
+    from llmserve.triton.packing import decode_window
 
     engine = engine_factory()
     free = engine.generate(["Zürich café 🙂 Once upon a time"], SamplingParams(max_tokens=40))[0]

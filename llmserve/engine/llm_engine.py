@@ -15,15 +15,15 @@ from transformers import PreTrainedTokenizerBase
 
 from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.engine.detokenizer import IncrementalDetokenizer, TextUnit, decode
-from llmserve.errors import InvalidRequestError
-from llmserve.engine.slots import SlotAllocator
 from llmserve.engine.output_buffer import Emission, OutputBuffer
 from llmserve.engine.prefill import PARALLEL_PREFILL_MIN_TOKENS, ForwardPass, plan_passes
 from llmserve.engine.sampler import Sampler
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
+from llmserve.engine.slots import SlotAllocator
 from llmserve.engine.stop_strings import StopStringMatcher
 from llmserve.engine.tokenizer import encode_prompt, encode_text, load_tokenizer
+from llmserve.errors import InvalidRequestError
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,10 +13,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmserve.engine.config import EngineConfig
-from llmserve.errors import OverloadedError
-from llmserve.engine.slots import SlotAllocator
 from llmserve.engine.prefix_cache import PrefixCache
 from llmserve.engine.sequence import Sequence, SequenceStatus
+from llmserve.engine.slots import SlotAllocator
+from llmserve.errors import OverloadedError
 
 
 @dataclass(slots=True)

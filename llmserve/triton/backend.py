@@ -24,6 +24,18 @@ def error_response(exc: Exception):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
+def respond_each(requests, respond) -> list:
+    """`respond(request)` for each request of a non-decoupled model's `execute`; a request whose
+    `respond` raises gets its error response, and the others are answered all the same."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(respond(request))
+        except Exception as exc:
+            responses.append(error_response(exc))
+    return responses
+
+
 def string_tensor(name: str, value: str | bytes):
     data = value.encode("utf-8") if isinstance(value, str) else value
     return pb_utils.Tensor(name, np.array([[data]], dtype=np.object_))

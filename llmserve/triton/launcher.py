@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmserve.engine.config import DEFAULT_RUNTIME
-from llmserve.paths import DEFAULT_MODEL_DIR, MODEL_REPOSITORY as DEFAULT_MODEL_REPOSITORY
+from llmserve.paths import DEFAULT_MODEL_DIR
+from llmserve.paths import MODEL_REPOSITORY as DEFAULT_MODEL_REPOSITORY
+
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 
 

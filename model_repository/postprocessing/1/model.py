@@ -12,12 +12,11 @@ from collections import OrderedDict
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llmserve.triton.packing import decode_window
-from llmserve.triton.gc_freeze import freeze_startup_objects
-from llmserve.triton.settings import resolve_model_dir
 from llmserve.engine.tokenizer import load_tokenizer
-from llmserve.triton.packing import OutputInfo
-from llmserve.triton.backend import error_response, int_tensor, request_inputs, string_tensor
+from llmserve.triton.backend import int_tensor, request_inputs, respond_each, string_tensor
+from llmserve.triton.gc_freeze import freeze_startup_objects
+from llmserve.triton.packing import OutputInfo, decode_window
+from llmserve.triton.settings import resolve_model_dir
 
 _REMEMBERED_SEQUENCES = 4096
 # How often a sequence's cancellation is asked: bounds the tokens generated after a cancel
@@ -33,13 +32,7 @@ class TritonPythonModel:
         freeze_startup_objects()
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._respond(request))
-            except Exception as exc:
-                responses.append(error_response(exc))
-        return responses
+        return respond_each(requests, self._respond)
 
     def _respond(self, request):
         inputs = request_inputs(request)

@@ -8,12 +8,11 @@ end with an empty response and no error.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llmserve.triton.gc_freeze import freeze_startup_objects
-from llmserve.triton.settings import resolve_model_dir
 from llmserve.engine.tokenizer import encode_prompt, load_tokenizer
+from llmserve.triton.backend import request_inputs, respond_each
+from llmserve.triton.gc_freeze import freeze_startup_objects
 from llmserve.triton.parsing import parse_prompt_request
-from llmserve.triton.backend import error_response, request_inputs
-
+from llmserve.triton.settings import resolve_model_dir
 
 # The ensemble's cancellation never reaches `llm` (Triton 2.51): postprocessing stops it instead,
 # so `llm` need not ask Triton about these requests.
@@ -26,13 +25,9 @@ class TritonPythonModel:
         freeze_startup_objects()
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                ids = encode_prompt(self.tokenizer, parse_prompt_request(request_inputs(request)))
-                responses.append(pb_utils.InferenceResponse(
-                    [pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
-                     pb_utils.Tensor("poll_cancellation", _NO_POLLING)]))
-            except Exception as exc:
-                responses.append(error_response(exc))
-        return responses
+        return respond_each(requests, self._respond)
+
+    def _respond(self, request):
+        ids = encode_prompt(self.tokenizer, parse_prompt_request(request_inputs(request)))
+        return pb_utils.InferenceResponse([pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
+                                           pb_utils.Tensor("poll_cancellation", _NO_POLLING)])
