@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEFAULT_MODEL_DIR := build/models/default
 MODEL_DIR ?= $(DEFAULT_MODEL_DIR)
-RUNTIME ?= onnxruntime
+# Empty = the server's default runtime (llmserve/engine/config.py: onnxruntime).
+RUNTIME ?=
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
@@ -30,16 +31,13 @@ install: $(VENV)/.installed
 model: install
 	$(PY) tools/build_default_model.py --out $(DEFAULT_MODEL_DIR)
 
-# The compiled engine RUNTIME loads (build/compiled/); returns at once when it is up to date.
+# The compiled model RUNTIME loads (build/compiled/); returns at once when it is up to date
+# (RUNTIME=torch loads the Hugging Face weights: nothing to compile).
 engine: install model
-ifeq ($(RUNTIME),torch)
-	@echo "RUNTIME=torch loads the Hugging Face weights directly: there is no engine to build"
-else
-	$(PY) -m llmserve.export --runtime $(RUNTIME) --model-dir $(MODEL_DIR) $(if $(PRECISION),--precision $(PRECISION))
-endif
+	$(PY) -m llmserve.export $(if $(RUNTIME),--runtime $(RUNTIME)) --model-dir $(MODEL_DIR) $(if $(PRECISION),--precision $(PRECISION))
 
-serve: install model $(if $(filter-out torch,$(RUNTIME)),engine)
-	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) --runtime $(RUNTIME) \
+serve: install model engine
+	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) $(if $(RUNTIME),--runtime $(RUNTIME)) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 
 test: install model
@@ -59,9 +57,9 @@ SPAWN_RATE ?= 4
 DURATION ?= 60s
 SHAPE ?= constant
 LOADTEST_ARGS ?=
-loadtest: install model $(if $(HOST),,$(if $(filter-out torch,$(RUNTIME)),engine))
+loadtest: install model $(if $(HOST),,engine)
 	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --shape $(SHAPE) \
-		--model-dir $(MODEL_DIR) --runtime $(RUNTIME) $(if $(HOST),--host $(HOST)) \
+		--model-dir $(MODEL_DIR) $(if $(RUNTIME),--runtime $(RUNTIME)) $(if $(HOST),--host $(HOST)) \
 		$(if $(METRICS_URL),--metrics-url $(METRICS_URL)) \
 		$(if $(STEP_USERS),--step-users $(STEP_USERS)) $(if $(STEP_TIME),--step-time $(STEP_TIME)) \
 		$(if $(TTFT_P95_MS),--ttft-p95-ms $(TTFT_P95_MS)) $(LOADTEST_ARGS)

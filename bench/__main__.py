@@ -21,11 +21,10 @@ from pathlib import Path
 
 from bench import engine_limit, loadgen, report
 from bench.metrics import summarize
-from bench.prompts import PROMPTS
-from llmserve.triton.gc_freeze import freeze_startup_objects
 from llmserve.engine.config import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from llmserve.paths import BUILD_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
+from llmserve.triton.gc_freeze import freeze_startup_objects
+from measure.prompts import BENCH_PROMPTS
 
 
 def _levels(text: str) -> list[int]:
@@ -41,7 +40,8 @@ class EngineSystem:
         self.name = "engine" if transit_ms is None else f"engine[transit {transit_ms[0]:g}-{transit_ms[1]:g} ms]"
         self.transit_s = (0.0, 0.0) if transit_ms is None else (transit_ms[0] / 1e3, transit_ms[1] / 1e3)
         # The server's slots: as many sequences at once, and as many prompts kept for the prefix cache.
-        self.engine = engine_limit.make_engine(args.model_dir, DEFAULT_MAX_NUM_SEQS, args.runtime)
+        self.engine = engine_limit.make_engine(args.model_dir, args.runtime, DEFAULT_MAX_NUM_SEQS)
+        freeze_startup_objects()  # as the `llm` model freezes its start-up heap
 
     def __enter__(self) -> EngineSystem:
         self.warm_up()
@@ -49,14 +49,14 @@ class EngineSystem:
 
     def warm_up(self) -> None:
         """Every prompt once, as the servers' warm-up does: each system starts with them all cached."""
-        engine_limit.run_level(self.engine, PROMPTS, 2, -(-len(PROMPTS) // 2), 8)
+        engine_limit.run_level(self.engine, BENCH_PROMPTS, 2, -(-len(BENCH_PROMPTS) // 2), 8)
 
     def __exit__(self, *exc: object) -> None:
         pass
 
     def run_level(self, concurrency: int, per_worker: int | None = None):
         per_worker = per_worker or requests_per_worker(self.args, concurrency)
-        return engine_limit.run_level(self.engine, PROMPTS, concurrency, per_worker, self.args.max_tokens,
+        return engine_limit.run_level(self.engine, BENCH_PROMPTS, concurrency, per_worker, self.args.max_tokens,
                                       self.transit_s)
 
     def prompt_tokens(self) -> tuple[float, float]:
@@ -85,7 +85,7 @@ class _ServedSystem:
     def run_level(self, concurrency: int, per_worker: int | None = None):
         per_worker = per_worker or requests_per_worker(self.args, concurrency)
         self.requests_sent += concurrency * per_worker
-        return self.loop.run_until_complete(loadgen.run_level(self.request, PROMPTS, concurrency, per_worker))
+        return self.loop.run_until_complete(loadgen.run_level(self.request, BENCH_PROMPTS, concurrency, per_worker))
 
     def close_client(self) -> None:
         pass
@@ -192,9 +192,9 @@ def _store(results: dict, system: str, concurrency: int, summary: dict) -> None:
           f"  errors {summary['errors']}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", default=str(REPO_ROOT / "build" / "models" / "default"))
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 32, 64])
     parser.add_argument("--runtime", default=DEFAULT_RUNTIME,
                         help="runtime of the engine and the server (a --variant may set another)")
@@ -210,30 +210,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", default="engine,triton,naive",
                         help="any of engine, triton, naive and llm-direct (this server's `llm` model called "
                              "directly: the transport's floor)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench")
+    parser.add_argument("--out", type=Path, default=BUILD_DIR / "bench")
     parser.add_argument("--engine-transit-ms", type=_transit, default=None, metavar="LOW,HIGH",
                         help="also run the in-process engine with each replacement request arriving LOW-HIGH ms "
                              "after its predecessor ends (staggered, as through a server), side by side")
     parser.add_argument("--variant", type=_variant, action="append", default=[],
                         help="also run this server with other llm settings, side by side: "
                              "NAME:KEY=VALUE,... (e.g. per-step:max_stream_responses_per_s=none)")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {
+    return parser.parse_args(argv)
+
+
+def new_results(args) -> dict:
+    """results.json before the sweep: when, and with which settings."""
+    return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "runtime": args.runtime, "cpus": os.cpu_count(),
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                    "requests_per_worker": args.requests_per_worker, "min_requests": args.min_requests,
                    "warmup_requests_per_worker": args.warmup_requests_per_worker,
-                   "repeats": args.repeats, "prompts": PROMPTS},
+                   "repeats": args.repeats, "prompts": BENCH_PROMPTS},
         "systems": {},
     }
+
+
+def make_systems(args) -> list:
+    """The systems under test, in the order they start and take their turns."""
     factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),
                  "naive": lambda: NaiveSystem(args), "llm-direct": lambda: LlmDirectSystem(args)}
     systems = [factories[name]() for name in args.systems.split(",")]
     systems += [TritonSystem(args, name, settings) for name, settings in args.variant]
     if args.engine_transit_ms is not None:
         systems.append(EngineSystem(args, args.engine_transit_ms))
+    return systems
+
+
+def run_sweep(args, systems: list, results: dict) -> None:
+    """Start every system, time the engine's prefill, then measure level by level into `results`."""
     with contextlib.ExitStack() as stack:
         for system in systems:
             print(f"starting {system.name}", file=sys.stderr, flush=True)
@@ -241,35 +253,64 @@ def main(argv: list[str] | None = None) -> None:
         freeze_startup_objects()  # the load generator's own GC pauses would blur every system's figures
         engine = next((s for s in systems if s.name == "engine"), None)
         if engine is not None:
-            results["prefill_ms"] = engine_limit.prefill_ms(engine.engine, PROMPTS[0])
+            results["prefill_ms"] = engine_limit.prefill_ms(engine.engine, BENCH_PROMPTS[0])
             engine.warm_up()  # the timing emptied its prefix cache
-        # Level by level, every system in turn (the others idle), each level repeated with the order
-        # rotated: ratios compare runs seconds apart, on a machine whose speed drifts.
         for c in args.concurrency:
-            runs: dict[str, list] = {system.name: [] for system in systems}
-            prompt_tokens = {system.name: [0.0, 0.0] for system in systems}  # admitted, from the prefix cache
-            for repeat in range(args.repeats):
-                for system in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
-                    if args.warmup_requests_per_worker:  # unrecorded: it idled while the others ran
-                        system.run_level(c, args.warmup_requests_per_worker)
-                    before = system.prompt_tokens()
-                    runs[system.name].append(system.run_level(c))
-                    if before is not None:
-                        for i, (old, new) in enumerate(zip(before, system.prompt_tokens())):
-                            prompt_tokens[system.name][i] += new - old
-            for system in systems:
-                summary = summarize(runs[system.name])
-                admitted, cached = prompt_tokens[system.name]
-                if admitted:
-                    summary["prompt_tokens"] = admitted
-                    summary["prefix_cached_share"] = cached / admitted
-                _store(results, system.name, c, summary)
+            for name, summary in measure_level(args, systems, c):
+                _store(results, name, c, summary)
+
+
+def measure_level(args, systems: list, concurrency: int) -> list[tuple[str, dict]]:
+    """Every system in turn at one concurrency (the others idle), `--repeats` times with the order
+    rotated: ratios compare runs seconds apart, on a machine whose speed drifts. (name, summary)
+    of each system, in their order."""
+    runs: dict[str, list] = {system.name: [] for system in systems}
+    prompt_tokens = {system.name: [0.0, 0.0] for system in systems}  # admitted, from the prefix cache
+    for repeat in range(args.repeats):
+        for system in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
+            runs[system.name].append(measured_run(args, system, concurrency, prompt_tokens[system.name]))
+    return [(system.name, level_summary(runs[system.name], prompt_tokens[system.name])) for system in systems]
+
+
+def measured_run(args, system, concurrency: int, prompt_tokens: list[float]):
+    """One recorded run, after its unrecorded warm-up; adds the prompt tokens the system admitted
+    during it (and those whose K/V came from the prefix cache) to `prompt_tokens`."""
+    if args.warmup_requests_per_worker:  # unrecorded: it idled while the others ran
+        system.run_level(concurrency, args.warmup_requests_per_worker)
+    before = system.prompt_tokens()
+    records = system.run_level(concurrency)
+    if before is not None:
+        for i, (old, new) in enumerate(zip(before, system.prompt_tokens())):
+            prompt_tokens[i] += new - old
+    return records
+
+
+def level_summary(runs: list, prompt_tokens: list[float]) -> dict:
+    """`summarize`'s figures, and the share of the prompt tokens from the prefix cache where counted."""
+    summary = summarize(runs)
+    admitted, cached = prompt_tokens
+    if admitted:
+        summary["prompt_tokens"] = admitted
+        summary["prefix_cached_share"] = cached / admitted
+    return summary
+
+
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.md (also printed) and results.png, with the ratios and targets."""
     results["ratios"] = report.ratios(results)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     table = report.markdown(results)
-    (args.out / "results.md").write_text(table)
-    report.plot(results, args.out / "results.png")
+    (out / "results.md").write_text(table)
+    report.plot(results, out / "results.png")
     print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = new_results(args)
+    run_sweep(args, make_systems(args), results)
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

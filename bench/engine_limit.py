@@ -9,20 +9,17 @@ import time
 
 from bench.records import RequestRecord
 from llmserve.engine.config import EngineConfig, SamplingParams
-from llmserve.triton.settings import server_num_threads
 from llmserve.engine.llm_engine import LLMEngine
 from llmserve.triton.launcher import ensure_compiled_model
-from llmserve.triton.gc_freeze import freeze_startup_objects
+from llmserve.triton.settings import server_num_threads
 
 
-def make_engine(model_dir: str, max_num_seqs: int, runtime: str) -> LLMEngine:
-    """The engine as the `llm` model configures it (same runtime and threads, frozen start-up heap),
-    minus the transport."""
+def make_engine(model_dir: str, runtime: str, max_num_seqs: int, threads: int | None = None) -> LLMEngine:
+    """The engine as the `llm` model configures it (same runtime; its threads unless `threads`),
+    minus the transport. Its compiled model is built first when missing, as `make engine` does."""
     ensure_compiled_model(model_dir, runtime)
-    engine = LLMEngine(EngineConfig(model_dir=model_dir, runtime=runtime, max_num_seqs=max_num_seqs,
-                                  num_threads=server_num_threads()))
-    freeze_startup_objects()
-    return engine
+    return LLMEngine(EngineConfig(model_dir=model_dir, runtime=runtime, max_num_seqs=max_num_seqs,
+                                  num_threads=server_num_threads() if threads is None else threads))
 
 
 def run_level(engine: LLMEngine, prompts: list[str], concurrency: int, requests_per_worker: int,

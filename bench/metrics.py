@@ -3,10 +3,13 @@
 - TTFT: request sent -> first chunk with non-empty text (client side).
 - ITL: the gap between consecutive chunks, per generated token: a chunk that
   carries k tokens after a gap g contributes k samples of g/k (vLLM's chunk gaps,
-  made per token so servers that send several tokens per chunk compare fairly).
+  made per token so servers that send several tokens per chunk compare fairly;
+  `measure.latency.itl_samples`, as the load test splits them). A chunk of text that
+  brings no new token counts as a gap of one token.
 - TPOT: (end-to-end latency - TTFT) / (output tokens - 1), per request
   (genai-perf's "inter token latency").
 - Latency: request sent -> last response.
+- Percentiles: p50, p95, p99, interpolated between the closest ranks (numpy's default).
 - Output tokens/s: all output tokens / (last end - first start) at that concurrency; over
   repeated runs of a level, all their tokens / the sum of their durations.
 """
@@ -16,27 +19,7 @@ from __future__ import annotations
 import statistics
 
 from bench.records import RequestRecord
-
-PERCENTILES = (50, 95, 99)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def itl_samples(record: RequestRecord) -> list[float]:
-    samples = []
-    for (t0, n0), (t1, n1) in zip(record.chunks, record.chunks[1:]):
-        tokens = max(n1 - n0, 1)
-        samples.extend([(t1 - t0) / tokens] * tokens)
-    return samples
+from measure.latency import PERCENTILES, itl_samples, percentile
 
 
 def summarize(runs: list[list[RequestRecord]]) -> dict:
@@ -52,7 +35,7 @@ def summarize(runs: list[list[RequestRecord]]) -> dict:
     result.update(output_tokens=tokens, duration_s=duration, output_tokens_per_s=tokens / duration)
     series = {
         "ttft_ms": [r.ttft * 1e3 for r in ok],
-        "itl_ms": [s * 1e3 for r in ok for s in itl_samples(r)],
+        "itl_ms": [s * 1e3 for r in ok for s in itl_samples(r.chunks, count_tokenless=True)],
         "tpot_ms": [(r.latency - r.ttft) / (r.num_output_tokens - 1) * 1e3 for r in ok if r.num_output_tokens > 1],
         "latency_ms": [r.latency * 1e3 for r in ok],
     }

@@ -28,9 +28,8 @@ import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from llmserve.paths import REPO_ROOT
 from llmserve.triton.launcher import ServerProcess, free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class CountingStreamer(TextIteratorStreamer):

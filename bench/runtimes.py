@@ -1,8 +1,9 @@
 """`python -m bench.runtimes`: the in-process engine on each runtime, side by side (no server).
 
 Same closed-loop load as the bench's engine limit (`engine_limit.run_level`: every request
-max_tokens = min_tokens long, prompts from bench/prompts.py), level by level with the runtimes in
-turn, several rounds; reports the median output tokens/s and engine step time per level.
+max_tokens = min_tokens long, the bench's prompts `measure.prompts.BENCH_PROMPTS`), level by
+level with the runtimes in turn, several rounds; reports the median output tokens/s and engine
+step time per level.
 """
 
 from __future__ import annotations
@@ -11,25 +12,18 @@ import argparse
 import statistics
 import time
 
-from bench.engine_limit import run_level
-from bench.prompts import PROMPTS
-from llmserve.engine.config import EngineConfig
+from bench.engine_limit import make_engine, run_level
 from llmserve.engine.llm_engine import LLMEngine
-from llmserve.triton.launcher import REPO_ROOT, ensure_compiled_model
+from llmserve.paths import DEFAULT_MODEL_DIR
 from llmserve.triton.gc_freeze import freeze_startup_objects
-
-
-def make_engine(model_dir: str, runtime: str, max_num_seqs: int, threads: int) -> LLMEngine:
-    ensure_compiled_model(model_dir, runtime)  # build/compiled/onnx/<model>, as `make engine` does
-    return LLMEngine(EngineConfig(model_dir=model_dir, runtime=runtime, max_num_seqs=max_num_seqs,
-                                  num_threads=threads))
+from measure.prompts import BENCH_PROMPTS
 
 
 def measure(engine: LLMEngine, concurrency: int, requests_per_worker: int, max_tokens: int) -> tuple[float, float]:
     """(output tokens/s, ms per engine step) of one level."""
     steps = engine.stats.steps
     start = time.perf_counter()
-    records = run_level(engine, PROMPTS, concurrency, requests_per_worker, max_tokens)
+    records = run_level(engine, BENCH_PROMPTS, concurrency, requests_per_worker, max_tokens)
     seconds = time.perf_counter() - start
     tokens = sum(r.num_output_tokens for r in records)
     return tokens / seconds, seconds * 1e3 / (engine.stats.steps - steps)
@@ -37,7 +31,7 @@ def measure(engine: LLMEngine, concurrency: int, requests_per_worker: int, max_t
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", default=str(REPO_ROOT / "build" / "models" / "default"))
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--runtimes", default="torch,onnxruntime")
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -12,10 +12,12 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from measure.latency import PERCENTILES, locust_rank, value_at_rank
+
 GROWTH = 1.01  # each bucket is 1% wider than the one before
 FLOOR_MS = 0.001  # everything below 1 us lands in one bucket
-PERCENTILES = (0.50, 0.95, 0.99)
-COLUMNS = ("Name", "Count", "50%", "95%", "99%")
+PERCENTILE_COLUMNS = tuple(f"{q}%" for q in PERCENTILES)  # as locust's CSVs name them: "50%", ...
+COLUMNS = ("Name", "Count", *PERCENTILE_COLUMNS)
 FINE_PERCENTILES = "fine_percentiles.csv"  # written next to locust's CSVs: <prefix>_fine_percentiles.csv
 
 
@@ -34,20 +36,19 @@ class LogHistogram:
     def percentile(self, q: float) -> float | None:
         """The q-th percentile (q in 0..1) as its bucket's geometric middle; None when empty.
 
-        Ranked as locust ranks its percentiles (the sample with int(q*N) samples below it, one
-        rank above nearest-rank when q*N is whole), so this table and locust's whole-ms table
-        name the same sample."""
+        Ranked as locust ranks its percentiles (`measure.latency.locust_rank`: the sample with
+        int(q*N) samples below it, one rank above nearest-rank when q*N is whole), so this table
+        and locust's whole-ms table name the same sample."""
         if not 0 < q <= 1:
             raise ValueError(f"percentile must be in (0, 1], got {q}")
         if not self.count:
             return None
-        rank = min(int(self.count * q) + 1, self.count)
-        seen = 0
-        for key in sorted(self._buckets):
-            seen += self._buckets[key]
-            if seen >= rank:
-                return FLOOR_MS if key < 0 else FLOOR_MS * GROWTH ** (key + 0.5)
-        raise AssertionError("unreachable: the counts add up to self.count")
+        buckets = ((self._middle(key), self._buckets[key]) for key in sorted(self._buckets))
+        return value_at_rank(buckets, locust_rank(self.count, q))
+
+    @staticmethod
+    def _middle(key: int) -> float:
+        return FLOOR_MS if key < 0 else FLOOR_MS * GROWTH ** (key + 0.5)
 
     def clear(self) -> None:
         self._buckets.clear()
@@ -61,10 +62,10 @@ def write_percentiles(path: str | Path, histograms: dict[str, LogHistogram]) -> 
         for name, histogram in histograms.items():
             if histogram.count:
                 writer.writerow([name, histogram.count,
-                                 *(f"{histogram.percentile(q):.2f}" for q in PERCENTILES)])
+                                 *(f"{histogram.percentile(q / 100):.2f}" for q in PERCENTILES)])
 
 
 def read_percentiles(path: str | Path) -> dict[str, dict[str, float]]:
     """{name: {"50%": ms, "95%": ms, "99%": ms}} from a file written by `write_percentiles`."""
     with Path(path).open(newline="") as f:
-        return {r["Name"]: {c: float(r[c]) for c in COLUMNS[2:]} for r in csv.DictReader(f)}
+        return {r["Name"]: {c: float(r[c]) for c in PERCENTILE_COLUMNS} for r in csv.DictReader(f)}

@@ -21,7 +21,6 @@ import functools
 import itertools
 import sys
 import time
-from pathlib import Path
 
 import gevent
 import grpc.experimental.gevent as grpc_gevent
@@ -33,24 +32,23 @@ from locust import User, events, task
 # for runs of more users (`_check_options`). Started on demand.
 GEVENT_THREADS = 1024
 
-# locust has monkey-patched the standard library (import above); grpc's C core
-# must also do its I/O through gevent, before any channel exists. Without this
-# the first stream blocks the gevent hub and every user hangs (measured: the
-# sync client deadlocks under monkey-patching without it).
+# locust has monkey-patched the standard library (import above); grpc's C core must also do
+# its I/O through gevent, before any channel exists, or the first stream blocks the gevent hub
+# (docs/notes/bench-and-loadtest.md).
 grpc_gevent.init_gevent()
-# That integration waits on each channel's completion queue in a thread of gevent's native
-# pool, one per channel with a call in progress: every user's stream. gevent's default of 10
-# threads left the other streams' responses queued there: at ~120 users no first token arrived
-# for 10 s, and locust took from 44 s to over 7 minutes to stop its users (README "Load testing").
+# That integration waits on each channel in a thread of gevent's native pool, one per stream in
+# progress: gevent's default of 10 stalls the streams past the tenth (docs/notes/bench-and-loadtest.md).
 gevent.get_hub().threadpool.maxsize = GEVENT_THREADS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` from any working directory
+from llmserve.paths import REPO_ROOT  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT))  # `loadtest` and `measure` from any working directory
 
 from client import Client  # noqa: E402
 from loadtest import defaults  # noqa: E402
 from loadtest.histogram import FINE_PERCENTILES, LogHistogram, write_percentiles  # noqa: E402
-from loadtest.prompts import DEFAULT_PROMPTS, Prompt, PromptSampler, load_prompts  # noqa: E402
 from loadtest.timing import REQUEST_TYPE, STOPPED, STREAM, StreamTimer  # noqa: E402
+from measure.prompts import DEFAULT_PROMPTS, Prompt, PromptSampler, load_prompts  # noqa: E402
 
 # A StoppingUser reads this share of max_tokens (drawn uniformly) before pressing stop.
 STOP_AFTER_SHARE = (0.1, 0.5)

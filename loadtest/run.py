@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from llmserve.paths import BUILD_DIR, REPO_ROOT
 from llmserve.triton.launcher import TritonServer, exec_with_parent, metric, model_env
 from loadtest import defaults
 from loadtest.histogram import FINE_PERCENTILES, read_percentiles
-from loadtest.prompts import DEFAULT_PROMPTS
 from loadtest.summary import Summary, read_stats
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from measure.prompts import DEFAULT_PROMPTS
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 SHAPE_FILE = Path(__file__).resolve().parent / "shape.py"
 CSV_PREFIX = "locust"
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="its metrics URL, for the server-side checks (known when the server is ours)")
     parser.add_argument("--model-dir", default="build/models/default", help="model of the server we start")
     parser.add_argument("--runtime", default=None, help="its runtime (torch, onnxruntime, ...; default: the server's)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "loadtest")
+    parser.add_argument("--out", type=Path, default=BUILD_DIR / "loadtest")
     parser.add_argument("--shape", choices=("constant", "step"), default="constant")
     parser.add_argument("--step-users", type=int, default=defaults.STEP_USERS)
     parser.add_argument("--step-time", type=float, default=defaults.STEP_TIME_S, help="seconds per step")

@@ -12,11 +12,12 @@ service level) goes to --goodput-json after every step.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from locust import LoadTestShape, events
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` from any working directory
+from llmserve.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # `loadtest` from any working directory
 
 from loadtest import defaults  # noqa: E402
 from loadtest.goodput import Snapshot, StepLoad, StepSettings, step_result  # noqa: E402

@@ -14,9 +14,8 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loadtest.histogram import PERCENTILE_COLUMNS
 from loadtest.timing import ITL, REQUEST_TYPE, STOPPED, STREAM, TTFT
-
-PERCENTILES = ("50%", "95%", "99%")
 
 
 def _ms(value: float | None) -> str:
@@ -41,7 +40,7 @@ class Row:
         return cls(name=record["Name"], count=int(record["Request Count"]), failures=int(record["Failure Count"]),
                    avg_ms=float(record["Average Response Time"]), avg_tokens=float(record["Average Content Size"]),
                    per_s=float(record["Requests/s"]),
-                   percentiles_ms={p: _int_or_zero(record[p]) for p in PERCENTILES})
+                   percentiles_ms={p: _int_or_zero(record[p]) for p in PERCENTILE_COLUMNS})
 
 
 def _int_or_zero(text: str) -> int:
@@ -77,7 +76,7 @@ class Summary:
             if fine and name in fine:
                 return fine[name]
             row = rows.get(name)
-            return dict(row.percentiles_ms) if row and row.count > row.failures else dict.fromkeys(PERCENTILES)
+            return dict(row.percentiles_ms) if row and row.count > row.failures else dict.fromkeys(PERCENTILE_COLUMNS)
 
         return cls(
             streams=rows[STREAM].count - rows[STREAM].failures if STREAM in rows else 0,
@@ -94,7 +93,7 @@ class Summary:
     def markdown(self, context: dict[str, str]) -> str:
         """A two-column table: `context` rows (run settings, server checks) first."""
         def pcts(values: dict[str, float | None]) -> str:
-            return " / ".join(_ms(values[p]) for p in PERCENTILES)
+            return " / ".join(_ms(values[p]) for p in PERCENTILE_COLUMNS)
 
         rows = [*context.items(),
                 ("streams completed / stopped by user", f"{self.streams} / {self.stopped_by_user}"),

@@ -1,6 +1,13 @@
-"""The forward() calls every runner must refuse, with the words its ValueError must contain."""
+"""What every runner must refuse, with the words its ValueError must contain: constructor sizes
+(checked before anything is loaded) and forward() calls."""
 
 from __future__ import annotations
+
+# message -> constructor keyword arguments (besides the model and compiled folders).
+BAD_SIZES = {
+    "num_slots must be > 0": {"num_slots": 0},
+    "max_model_len must be > 0": {"num_slots": 1, "max_model_len": 0},
+}
 
 
 def bad_forward_calls(vocab_size: int, max_model_len: int | None = None) -> dict[str, tuple[list, list, list]]:

@@ -1,8 +1,13 @@
-"""The bench's ratios and targets, computed from results as `python -m bench` stores them."""
+"""The bench's ratios and targets, computed from results as `python -m bench` stores them, and
+the latency arithmetic behind its figures."""
 
+import numpy as np
 import pytest
 
 from bench import report
+from bench.metrics import summarize
+from bench.records import RequestRecord
+from measure.latency import itl_samples, percentile
 
 
 def _level(tps: float, ttft_p50: float, ttft_p95: float) -> dict:
@@ -58,3 +63,20 @@ def test_a_level_without_latencies_leaves_its_targets_out():
     r = report.ratios(results)
     assert "ttft_c1_minus_prefill_ms" not in r and "ttft_p95_c32_over_c1" not in r
     assert r["vs_engine_c32"] == pytest.approx(0.75)
+
+
+def test_percentiles_interpolate_as_numpy_does():
+    values = [5.0, 1.0, 3.0, 10.0, 2.5, 7.0, 0.0]
+    for q in (0, 1, 50, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q), abs=1e-12), q
+    assert percentile([4.0], 95) == 4.0
+    assert np.isnan(percentile([], 50))
+
+
+def test_itl_is_per_token_and_a_tokenless_text_chunk_is_a_gap_of_one():
+    chunks = [(1.0, 1), (1.01, 2), (1.04, 5), (1.05, 5)]  # 3 tokens merged; text released, no token
+    assert [round(s, 9) for s in itl_samples(chunks, count_tokenless=True)] == [0.01, 0.01, 0.01, 0.01, 0.01]
+    assert [round(s, 9) for s in itl_samples(chunks, count_tokenless=False)] == [0.01, 0.01, 0.01, 0.01]
+    record = RequestRecord(start=0.99, end=1.06, chunks=chunks, num_output_tokens=5)
+    summary = summarize([[record]])
+    assert summary["itl_ms_p50"] == pytest.approx(10.0) and summary["ttft_ms_p50"] == pytest.approx(10.0)

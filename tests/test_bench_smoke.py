@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from bench.prompts import PROMPTS
 from llmserve.engine.tokenizer import encode_prompt, load_tokenizer
+from measure.prompts import BENCH_PROMPTS
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -30,10 +30,10 @@ def test_bench_tiny_sweep_writes_results(default_model_dir, tmp_path):
     tokenizer = load_tokenizer(default_model_dir)
     for system in ("engine", "triton", "llm-direct"):  # the prompts repeat (and warm-up ran some): cache hits
         assert 0 < results["systems"][system]["2"]["prefix_cached_share"] < 1
-        for level, per_run in (("1", 3), ("2", 4)):  # each run sends PROMPTS[0:per_run]
+        for level, per_run in (("1", 3), ("2", 4)):  # each run sends BENCH_PROMPTS[0:per_run]
             # the server's counters, read after each run, hold exactly that run's prompts: not its
             # warm-up's, not missing its last step's
-            expected = 2 * sum(len(encode_prompt(tokenizer, prompt)) for prompt in PROMPTS[:per_run])
+            expected = 2 * sum(len(encode_prompt(tokenizer, prompt)) for prompt in BENCH_PROMPTS[:per_run])
             assert results["systems"][system][level]["prompt_tokens"] == expected
     assert "prefix_cached_share" not in results["systems"]["naive"]["2"]
     assert results["prefill_ms"] > 0

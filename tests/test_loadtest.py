@@ -27,6 +27,8 @@ finally:
 from client import StreamChunk
 from loadtest.histogram import LogHistogram
 from loadtest.timing import ITL, REQUEST_TYPE, STOPPED, STREAM, TTFT, StreamTimer
+from measure.make_prompts import make_prompts
+from measure.prompts import BENCH_PROMPTS, STORY_OPENINGS, load_prompts
 from tests.conftest import REPO_ROOT
 
 
@@ -45,6 +47,13 @@ def test_stream_timer_ttft_then_one_itl_sample_per_token():
     assert timer.tokens == 4 and round(timer.elapsed_ms(10.1), 6) == 100.0
     with pytest.raises(ValueError, match="before the stream's start"):
         timer.on_chunk(_chunk("x", 5), 9.0)
+
+
+def test_the_prompt_file_is_the_shared_set_as_make_prompts_writes_it():
+    """One prompt set: the load test's file is drawn from the texts the bench sends (and others)."""
+    assert load_prompts() == make_prompts()
+    assert BENCH_PROMPTS == STORY_OPENINGS
+    assert {p.text for p in load_prompts()} & set(BENCH_PROMPTS)
 
 
 def test_log_histogram_percentiles_within_one_percent():
@@ -117,9 +126,9 @@ def test_step_load_stops_at_the_first_step_over_the_threshold():
 
 def test_locustfile_gives_grpc_a_native_thread_per_stream():
     """grpc's gevent integration waits on each channel in a thread of gevent's native pool; with
-    gevent's default of 10, streams past the tenth stalled (no first token for 10 s at ~120 users,
-    minutes to stop the users). The locustfile must leave room for every user's stream and stop
-    request at the step load's most users. Imported in a subprocess: locust monkey-patches."""
+    gevent's default of 10, streams past the tenth stalled (docs/notes/bench-and-loadtest.md). The
+    locustfile must leave room for every user's stream and stop request at the step load's most
+    users. Imported in a subprocess: locust monkey-patches."""
     script = ("import gevent, loadtest.locustfile; from loadtest import defaults; "
               "print(gevent.get_hub().threadpool.maxsize, defaults.STEP_MAX_USERS)")
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,

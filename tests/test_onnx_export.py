@@ -200,7 +200,7 @@ def test_export_errors_name_the_problem(tmp_path, gpt2_dir):
 
 def test_cli(tmp_path, gpt2_dir, capsys):
     export_cli(["--runtime", "torch", "--model-dir", str(gpt2_dir)])
-    assert "no engine to build" in capsys.readouterr().err
+    assert "no compiled model to build" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a Hugging Face model folder"):
         export_cli(["--runtime", "onnxruntime", "--model-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="fp32 only"):

@@ -1,4 +1,4 @@
-"""OnnxRuntimeRunner: TorchModelRunner's interface and results, and the engine on either runtime.
+"""OnnxRuntimeRunner: the Runner interface and TorchModelRunner's results, and the engine on either runtime.
 
 Runner checks compare logits with the torch runner (atol/rtol 1e-4, float32) through the paths
 the live decode batch takes: continued decode, joins and leaves in place (holes), reordering, a
@@ -17,9 +17,10 @@ from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.engine.llm_engine import LLMEngine
 from llmserve.runners.torch_runner import TorchModelRunner
 from llmserve.runners import create_runner
+from llmserve.runners.base import Runner
 from llmserve.runners.kv_store import SlotStore
 from llmserve.runners.onnxruntime_runner import OnnxRuntimeRunner
-from tests.runner_contract import bad_forward_calls
+from tests.runner_contract import BAD_SIZES, bad_forward_calls
 
 VOCAB = 2048
 
@@ -118,9 +119,9 @@ def test_copied_prefixes_continue_as_if_computed(runners):
     pair.decode([0, 1, 2], steps=3)
 
 
-def test_an_engine_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_compiled_dir, tmp_path):
-    """An engine folder exported before prefill.onnx existed (or with it removed) still serves."""
-    old = tmp_path / "engine"
+def test_a_compiled_model_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_compiled_dir, tmp_path):
+    """A compiled model exported before prefill.onnx existed (or with it removed) still serves."""
+    old = tmp_path / "compiled"
     shutil.copytree(onnx_compiled_dir, old, ignore=shutil.ignore_patterns("prefill.onnx"))
     runner = OnnxRuntimeRunner(default_model_dir, num_slots=4, compiled_dir=old, num_threads=1)
     assert not runner.packs_prefill
@@ -199,6 +200,7 @@ def test_live_batch_repacks_when_in_place_would_waste(runners):
 
 def test_same_metadata_and_errors_as_torch(runners):
     torch_runner, onnx_runner = runners(num_slots=2, max_model_len=16)
+    assert isinstance(torch_runner, Runner) and isinstance(onnx_runner, Runner)
     for name in ("vocab_size", "max_model_len", "num_slots", "eos_token_ids", "device", "dtype"):
         assert getattr(onnx_runner, name) == getattr(torch_runner, name), name
     assert onnx_runner.kv_cache_bytes == 2 * 4 * 2 * 2 * 16 * 48 * 4  # K and V, 4 layers, 2 slots, 2 heads, fp32
@@ -208,17 +210,20 @@ def test_same_metadata_and_errors_as_torch(runners):
             with pytest.raises(ValueError, match=message):
                 runner.forward(*args)
     onnx_runner.forward([0], [[1] * 16], [0])  # exactly full is fine
-    with pytest.raises(ValueError, match="num_slots"):
-        OnnxRuntimeRunner("unused", num_slots=0)
+    for message, kwargs in BAD_SIZES.items():
+        with pytest.raises(ValueError, match=message):
+            OnnxRuntimeRunner("unused", compiled_dir="unused", **kwargs)
     with pytest.raises(ValueError, match="float32 on the CPU"):
-        OnnxRuntimeRunner("unused", num_slots=1, dtype="float16")
+        OnnxRuntimeRunner("unused", num_slots=1, dtype="float16", compiled_dir="unused")
+    with pytest.raises(TypeError, match="compiled_dir"):  # the runner is told where its compiled model is
+        OnnxRuntimeRunner("unused", num_slots=1)
 
 
-def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_compiled_dir, tmp_path):
+def test_missing_or_stale_compiled_model_says_how_to_build(default_model_dir, onnx_compiled_dir, tmp_path):
     config = EngineConfig(model_dir=str(default_model_dir), runtime="onnxruntime", compiled_dir=str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="make engine RUNTIME=onnxruntime MODEL_DIR="):
         create_runner(config)
-    # The same engine folder, claimed by a model with other weights.
+    # The same compiled model, claimed by a model with other weights.
     other = tmp_path / "other-model"
     shutil.copytree(default_model_dir, other)
     config_json = json.loads((other / "config.json").read_text())
@@ -228,7 +233,7 @@ def test_missing_or_stale_engine_says_how_to_build(default_model_dir, onnx_compi
         create_runner(config)
 
 
-def test_config_runtimes_and_engine_dir(default_model_dir):
+def test_config_runtimes_and_compiled_dir(default_model_dir):
     with pytest.raises(ValueError, match="runtime must be one of"):
         EngineConfig(model_dir="x", runtime="onnx")
     with pytest.raises(ValueError, match="compiled_dir"):

@@ -22,6 +22,7 @@ import torch
 
 from llmserve.export.tensorrt_build import BuildSettings, profile_shapes
 from llmserve.export.tensorrt_env import GpuInfo, TensorRTUnavailableError, plan_mismatch
+from tests.runner_contract import BAD_SIZES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -64,6 +65,14 @@ def test_engine_config_tensorrt_without_tensorrt_fails_clearly(default_model_dir
         create_runner(config)
     with pytest.raises(TensorRTUnavailableError, match="TensorRT is not installed here"):
         LLMEngine(config)
+
+
+@pytest.mark.parametrize("message, kwargs", list(BAD_SIZES.items()))
+def test_runner_checks_its_sizes_before_anything_else(message, kwargs):
+    from llmserve.runners.tensorrt_runner import TensorRTRunner
+
+    with pytest.raises(ValueError, match=message):
+        TensorRTRunner("unused", compiled_dir="unused", **kwargs)
 
 
 @pytest.mark.skipif(HAVE_GPU, reason="a CUDA GPU is visible here")
@@ -229,12 +238,12 @@ def test_dockerfile_installs_the_pins_and_starts_the_entrypoint():
 
 @pytest.fixture(scope="module")
 def plans(default_model_dir, tmp_path_factory):
-    """FP32 and FP16 plans of the default model: {precision: engines root}."""
+    """FP32 and FP16 plans of the default model: {precision: compiled models' root}."""
     from llmserve.export.tensorrt_build import build_for_model
 
     built = {}
     for precision in ("fp32", "fp16"):
-        root = tmp_path_factory.mktemp(f"engines-{precision}")
+        root = tmp_path_factory.mktemp(f"compiled-{precision}")
         build_for_model(default_model_dir, root, precision=precision, max_batch_size=8)
         built[precision] = root
     return built

@@ -18,7 +18,8 @@ import transformers  # noqa: E402
 
 from llmserve.runners.torch_runner import TorchModelRunner  # noqa: E402
 from llmserve.models import load_model  # noqa: E402
-from tests.runner_contract import bad_forward_calls  # noqa: E402
+from llmserve.runners.base import Runner  # noqa: E402
+from tests.runner_contract import BAD_SIZES, bad_forward_calls  # noqa: E402
 
 ATOL = RTOL = 1e-4
 VOCAB = 300
@@ -198,13 +199,15 @@ def test_invalid_arguments_raise(llama):
     for message, args in bad_calls.items():
         with pytest.raises(ValueError, match=message):
             runner.forward(*args)
-    with pytest.raises(ValueError, match="num_slots"):
-        TorchModelRunner(model_dir, num_slots=0)
+    for message, kwargs in BAD_SIZES.items():
+        with pytest.raises(ValueError, match=message):
+            TorchModelRunner(model_dir, **kwargs)
 
 
 def test_runner_metadata(arch):
     name, model_dir, _ = arch
     runner = TorchModelRunner(model_dir, num_slots=3, max_model_len=32)
+    assert isinstance(runner, Runner)
     assert runner.vocab_size == VOCAB and runner.num_slots == 3
     kv_heads = 4 if name == "gpt2" else 2
     # K and V, 2 layers, one scratch position per slot, float32, head_dim 16.

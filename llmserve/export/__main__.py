@@ -1,5 +1,5 @@
 """`python -m llmserve.export --runtime onnxruntime|tensorrt --model-dir DIR [--out build/compiled]
-[--precision ...]`: build the compiled engine a runtime loads (`make engine`)."""
+[--precision ...]`: build the compiled model a runtime loads (`make engine`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from llmserve.engine.config import DEFAULT_RUNTIME
 from llmserve.export.manifest import COMPILED_ROOT
 
 RUNTIMES = ("onnxruntime", "tensorrt")
@@ -29,16 +30,19 @@ BUILDERS = {"onnxruntime": build_onnxruntime, "tensorrt": build_tensorrt}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmserve.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runtime", required=True, choices=(*RUNTIMES, "torch"))
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=(*RUNTIMES, "torch"),
+                        help=f"the runtime to compile for (default {DEFAULT_RUNTIME}, the server's)")
     parser.add_argument("--model-dir", required=True, help="Hugging Face model folder")
     parser.add_argument("--out", default=str(COMPILED_ROOT),
-                        help="engines root: the engine goes to <out>/<onnx|tensorrt>/<model folder name>/")
+                        help="compiled models' root: the compiled model goes to "
+                             "<out>/<onnx|tensorrt>/<model folder name>/")
     parser.add_argument("--precision", default=None,
                         help="onnxruntime: fp32 (default); tensorrt: fp32, fp16 (default), int8, fp8")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the engine is up to date")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the compiled model is up to date")
     args = parser.parse_args(argv)
     if args.runtime == "torch":
-        print("runtime torch loads the Hugging Face weights directly: there is no engine to build", file=sys.stderr)
+        print("runtime torch loads the Hugging Face weights directly: there is no compiled model to build",
+              file=sys.stderr)
         return
     if not (Path(args.model_dir) / "config.json").is_file():
         raise SystemExit(f"error: {args.model_dir} is not a Hugging Face model folder (no config.json)")
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         out = BUILDERS[args.runtime](args)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:  # the builders' errors name the problem
         raise SystemExit(f"error: {exc}") from None
-    print(f"{args.runtime} engine: {out}", file=sys.stderr)
+    print(f"{args.runtime} compiled model: {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The decoder as an ONNX graph: our model definitions with a past/present attention layout
-instead of the runner's slot cache. This is the interface of every exported engine (ONNX
-Runtime, and TensorRT built from it):
+instead of the runner's slot cache. This is the interface of every compiled model (the ONNX
+export for ONNX Runtime, and the TensorRT plan built from it); its tensors are named by
+`llmserve.export.graph_io`:
 
 - inputs: `input_ids` int64 [batch, seq]; `position_ids` int64 [batch, seq]; `attention_mask`
   int64 [batch, past_seq + seq] (1 = a real key, past or new; 0 = padding); and
@@ -18,7 +19,7 @@ Same modules, same fused weights as `TorchModelRunner`; only `Attention.attend` 
 layer concatenates its past K/V with the new tokens' K/V (its `present` output) and attends
 over it under that mask rule.
 
-ONNX Runtime's engine has a second graph, `PackedPrefillGraph` (`prefill.onnx`), for prompts
+ONNX Runtime's compiled model has a second graph, `PackedPrefillGraph` (`prefill.onnx`), for prompts
 from empty caches: packed end to end into one row, no padding (the torch runner's
 `PackedPrefill` layout):
 
@@ -35,11 +36,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmserve.models import DecoderLM
-from llmserve.models.attention import packed_prompt_attention, prompt_causal_mask
+from llmserve.models.attention import fold_mask, grouped_query_attention, packed_prompt_attention, prompt_causal_mask
 
 
 @dataclass(slots=True)
@@ -55,29 +55,21 @@ class PastPresentAttention:
 
     def __init__(self, attention_mask: torch.Tensor, past_len: torch.Tensor | int, seq_len: int,
                  q_per_kv: int) -> None:
-        B, total = attention_mask.shape
+        total = attention_mask.shape[1]
         cols = torch.arange(total, device=attention_mask.device)
         query_cols = cols[-seq_len:]  # query t sits at absolute column past_len + t
         causal = cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [T, total]
         itself = cols.unsqueeze(0) == query_cols.unsqueeze(1)
         # A padding query still sees itself: no row without a visible key, so no NaN anywhere.
-        mask = ((attention_mask.unsqueeze(1) != 0) & causal) | itself  # [B, T, total]
-        if q_per_kv > 1:  # query heads sharing a KV head are folded into the query axis
-            mask = mask.unsqueeze(2).expand(B, seq_len, q_per_kv, total).reshape(B, seq_len * q_per_kv, total)
-        self.mask = mask.unsqueeze(1)
+        self.mask = fold_mask(((attention_mask.unsqueeze(1) != 0) & causal) | itself, q_per_kv, seq_len)  # [B, T, total]
         self.presents: list[torch.Tensor] = []
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_past: torch.Tensor,
                v_past: torch.Tensor, scale: float) -> torch.Tensor:
-        B, T, H, D = q.shape
-        kv_heads = k.shape[2]
         keys = torch.cat((k_past, k.transpose(1, 2)), dim=2)
         values = torch.cat((v_past, v.transpose(1, 2)), dim=2)
         self.presents += (keys, values)
-        rep = H // kv_heads
-        queries = q.reshape(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask, scale=scale)
-        return out.reshape(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B, T, H * D)
+        return grouped_query_attention(q, keys, values, self.mask, scale)
 
 
 class DecoderGraph(nn.Module):
@@ -130,15 +122,3 @@ class PackedPrefillGraph(nn.Module):
         hidden = model(input_ids, position_ids, PastKV(no_past, no_past), attention)
         logits = model.compute_logits(hidden[0, last_index]).float()
         return (logits, *attention.presents)
-
-
-PREFILL_INPUTS = ["input_ids", "position_ids", "padded_index", "prompt_mask", "last_index"]
-
-
-def input_names(num_layers: int) -> list[str]:
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "position_ids", "attention_mask", *past]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits", *[f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]]

@@ -1,6 +1,6 @@
-"""Where compiled engines live and what they were built from (`manifest.json`).
+"""Where compiled models live and what they were built from (`manifest.json`).
 
-Pure Python (no torch, no onnx): the runners check an engine against its model before loading it.
+Pure Python (no torch, no onnx): the runners check a compiled model against its model before loading it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from llmserve.paths import COMPILED_ROOT
 
 MANIFEST = "manifest.json"
-# The folder under the engines root each runtime's engine is built into (llmserve/export/graph.py).
+# The folder under the compiled models' root each runtime's compiled model is built into.
 RUNTIME_FOLDERS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 _SAMPLE = 1 << 20  # bytes hashed at each end of a large weight file
 _FULL_HASH_LIMIT = 64 << 20
@@ -26,24 +26,27 @@ def default_compiled_dir(runtime: str, model_dir: str | Path, root: str | Path =
     try:
         folder = RUNTIME_FOLDERS[runtime]
     except KeyError:
-        raise ValueError(f"no compiled engine for runtime {runtime!r} "
-                         f"(engines: {', '.join(RUNTIME_FOLDERS)})") from None
+        raise ValueError(f"no compiled model for runtime {runtime!r} "
+                         f"(compiled models: {', '.join(RUNTIME_FOLDERS)})") from None
     return Path(root) / folder / Path(model_dir).resolve().name
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of the file; for large files of its size, first and last MiB (a retrained or
-    re-saved checkpoint changes its header and data, and hashing gigabytes would take minutes)."""
+def sha256_file(path: Path, *, sampled_above: int | None = None, chunk: int = 1 << 22) -> str:
+    """sha256 (hex) of the file's content. With `sampled_above`: of its size, then its content, or
+    for a file larger than that its first and last MiB (a retrained or re-saved checkpoint
+    changes its header and data, and hashing gigabytes would take minutes)."""
     digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(str(size).encode())
     with path.open("rb") as f:
-        if size <= _FULL_HASH_LIMIT:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(_SAMPLE))
-            f.seek(size - _SAMPLE)
-            digest.update(f.read(_SAMPLE))
+        if sampled_above is not None:
+            size = path.stat().st_size
+            digest.update(str(size).encode())
+            if size > sampled_above:
+                digest.update(f.read(_SAMPLE))
+                f.seek(size - _SAMPLE)
+                digest.update(f.read(_SAMPLE))
+                return digest.hexdigest()
+        while block := f.read(chunk):
+            digest.update(block)
     return digest.hexdigest()
 
 
@@ -56,7 +59,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
                    if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES)))
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}:{_file_digest(path)}\n".encode())
+        digest.update(f"{path.name}:{sha256_file(path, sampled_above=_FULL_HASH_LIMIT)}\n".encode())
     return digest.hexdigest()
 
 
@@ -65,6 +68,12 @@ def read_manifest(compiled_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     return json.loads(path.read_text())
+
+
+def manifest_or_empty(compiled_dir: str | Path) -> dict[str, Any]:
+    """The folder's manifest, or {} where it has none."""
+    path = Path(compiled_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_manifest(compiled_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -80,14 +89,15 @@ def build_command(runtime: str, model_dir: str | Path) -> str:
 
 
 def check_compiled_model(runtime: str, compiled_dir: str | Path, model_dir: str | Path, artifact: str) -> dict[str, Any]:
-    """The manifest of the engine in `compiled_dir`, after checking it exists and was built from
-    `model_dir`'s current weights; FileNotFoundError / ValueError telling how to (re)build it."""
+    """The manifest of the compiled model in `compiled_dir`, after checking it exists and was built
+    from `model_dir`'s current weights; FileNotFoundError / ValueError telling how to (re)build it."""
     compiled_dir, model_dir = Path(compiled_dir), Path(model_dir)
     rebuild = f"build it with `{build_command(runtime, model_dir)}`"
     if not (compiled_dir / artifact).is_file() or not (compiled_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"no {runtime} engine at {compiled_dir} ({artifact} and {MANIFEST} expected): {rebuild}")
+        raise FileNotFoundError(f"no {runtime} compiled model at {compiled_dir} ({artifact} and {MANIFEST} "
+                                f"expected): {rebuild}")
     manifest = read_manifest(compiled_dir)
     if manifest.get("fingerprint") != model_fingerprint(model_dir):
-        raise ValueError(f"the {runtime} engine at {compiled_dir} was built from {manifest.get('source_model_dir')}, "
+        raise ValueError(f"the {runtime} compiled model at {compiled_dir} was built from {manifest.get('source_model_dir')}, "
                          f"not from the current weights of {model_dir.resolve()}: re{rebuild}")
     return manifest

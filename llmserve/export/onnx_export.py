@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import re
@@ -18,16 +17,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from llmserve.export.graph_io import PREFILL_INPUTS, input_names, output_names, past_names
 from llmserve.export.manifest import (COMPILED_ROOT, MANIFEST, default_compiled_dir, model_fingerprint,
-                                      write_manifest)
+                                      read_manifest, write_manifest)
 
 MODEL_FILE = "model.onnx"
-PREFILL_FILE = "prefill.onnx"  # the packed-prefill graph (graph.py), ONNX Runtime's engine only
-# Opset 23 has Attention and RMSNormalization: ONNX Runtime runs them as single fused kernels
-# (about 1.5x faster decode than the MatMul/Softmax decomposition of opset 18 on the default model).
+PREFILL_FILE = "prefill.onnx"  # the packed-prefill graph (graph.py), ONNX Runtime's compiled model only
+# Opset 23 has Attention and RMSNormalization: ONNX Runtime runs each as one fused kernel, a faster
+# decode than opset 18's MatMul/Softmax (docs/notes/runners-and-export.md).
 DEFAULT_OPSET = 23
 PRECISIONS = ("fp32",)
-# Bump when the graph the same weights export to changes (graph.py, the models' forward): an
+# Bump when the graph the same weights export to changes (graph.py, the models' forward): a
 # manifest.json with another version is rebuilt.
 GRAPH_VERSION = 1
 # Beyond this, weights go to model.onnx.data (protobuf's 2 GiB limit).
@@ -94,9 +94,8 @@ def _dynamic_shapes(num_layers: int) -> tuple[Any, ...]:
 def _dimension_names(num_layers: int) -> dict[tuple[str, int], str]:
     """(input, axis) -> the interface's name for that dimension (llmserve/export/graph.py)."""
     names = {("input_ids", 0): "batch", ("input_ids", 1): "seq"}
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            names[(f"past_key_values.{i}.{kind}", 2)] = "past_seq"
+    for name in past_names(num_layers):
+        names[(name, 2)] = "past_seq"
     names[("attention_mask", 1)] = "past_seq + seq"
     return names
 
@@ -174,12 +173,11 @@ def _export_graph(module, sample: tuple[Any, ...], path: Path, *, input_names: l
 def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int, packed_prefill: bool = True) -> bool:
     """Whether out_dir holds this export of model_dir's current weights (with the packed-prefill
     graph when `packed_prefill`)."""
-    manifest_path = out_dir / MANIFEST
-    if not (out_dir / MODEL_FILE).is_file() or not manifest_path.is_file():
+    if not (out_dir / MODEL_FILE).is_file() or not (out_dir / MANIFEST).is_file():
         return False
     if packed_prefill and not (out_dir / PREFILL_FILE).is_file():
         return False
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(out_dir)
     wanted = {"graph_version": GRAPH_VERSION, "precision": precision, "opset": opset,
               "fingerprint": model_fingerprint(model_dir)}
     return all(manifest.get(key) == value for key, value in wanted.items())
@@ -194,68 +192,97 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = COMPILED_ROOT, *, 
     folder. With force=False, returns at once when the folder already holds this export of the
     model's current weights."""
     if precision not in PRECISIONS:
-        raise ExportError(f"the ONNX Runtime engine is built in {' / '.join(PRECISIONS)} only, not {precision!r} "
-                          "(half precision and int8 are TensorRT's: `--runtime tensorrt`)")
+        raise ExportError(f"the ONNX export for ONNX Runtime is built in {' / '.join(PRECISIONS)} only, not "
+                          f"{precision!r} (half precision and int8 are TensorRT's: `--runtime tensorrt`)")
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir) if out_dir is not None else default_compiled_dir("onnxruntime", model_dir, out_root)
     if not force and is_current(out_dir, model_dir, precision=precision, opset=opset, packed_prefill=packed_prefill):
         return out_dir  # before the exporter's imports: a server start checks this every time
     _require_exporter()
-    import onnx
-    import torch
+    model = _load_float32_model(model_dir)
+    external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    with _swapped_in_when_done(out_dir) as work:
+        _export_graphs(model, work, opset=opset, external_data=external_data, packed_prefill=packed_prefill,
+                       model_dir=model_dir)
+        write_manifest(work, _export_manifest(model, model_dir, work, opset=opset, precision=precision,
+                                              packed_prefill=packed_prefill))
+    return out_dir
 
-    from llmserve.export.graph import PREFILL_INPUTS, DecoderGraph, PackedPrefillGraph, input_names, output_names
-    from llmserve.models import load_model, model_type_of
-    from llmserve.models.hf_config import read_config
+
+def _load_float32_model(model_dir: Path):
+    from llmserve.models import load_model
 
     try:
-        model = load_model(model_dir, dtype="float32", device="cpu")
+        return load_model(model_dir, dtype="float32", device="cpu")
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
         raise ExportError(f"cannot load the model in {model_dir}: {exc}") from exc
-    L = model.num_layers
-    external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+
+
+@contextlib.contextmanager
+def _swapped_in_when_done(out_dir: Path):
+    """A fresh work folder beside `out_dir`; it replaces `out_dir` when the block succeeds and is
+    removed when it fails: a runner never loads a half-written export."""
     work = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")  # two builds at once never share it
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        _export_graph(DecoderGraph(model).eval(), _sample_inputs(model), work / MODEL_FILE,
-                      input_names=input_names(L), output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L),
-                      dimension_names=_dimension_names(L), opset=opset, external_data=external_data,
-                      model_dir=model_dir)
-        if packed_prefill:
-            _export_graph(PackedPrefillGraph(model).eval(), _prefill_sample_inputs(model), work / PREFILL_FILE,
-                          input_names=PREFILL_INPUTS, output_names=output_names(L),
-                          dynamic_shapes=_prefill_dynamic_shapes(), dimension_names=_PREFILL_DIMENSION_NAMES,
-                          opset=opset, external_data=external_data, model_dir=model_dir)
-        write_manifest(work, {
-            "format": "onnx",
-            "graph_version": GRAPH_VERSION,
-            "source_model_dir": str(model_dir),
-            "fingerprint": model_fingerprint(model_dir),
-            "model_type": model_type_of(read_config(model_dir)),
-            "architecture": type(model).__name__,
-            "num_layers": L,
-            "num_heads": model.num_heads,
-            "num_kv_heads": model.num_kv_heads,
-            "head_dim": model.head_dim,
-            "vocab_size": model.vocab_size,
-            "max_positions": model.max_positions,
-            "opset": opset,
-            "dtype": "float32",
-            "precision": precision,
-            "inputs": input_names(L),
-            "outputs": output_names(L),
-            "prefill_model": PREFILL_FILE if packed_prefill else None,
-            "files": sorted(p.name for p in work.iterdir() if p.name != MANIFEST),
-            "torch_version": torch.__version__,
-            "onnx_version": onnx.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        })
+        yield work
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    # Swap the finished folder in: a runner never loads a half-written engine.
     if out_dir.exists():
         shutil.rmtree(out_dir)
     work.rename(out_dir)
-    return out_dir
+
+
+def _export_graphs(model, work: Path, *, opset: int, external_data: bool, packed_prefill: bool,
+                   model_dir: Path) -> None:
+    """model.onnx (the decoder graph) and, when `packed_prefill`, prefill.onnx into `work`."""
+    from llmserve.export.graph import DecoderGraph, PackedPrefillGraph
+
+    L = model.num_layers
+    _export_graph(DecoderGraph(model).eval(), _sample_inputs(model), work / MODEL_FILE,
+                  input_names=input_names(L), output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L),
+                  dimension_names=_dimension_names(L), opset=opset, external_data=external_data,
+                  model_dir=model_dir)
+    if packed_prefill:
+        _export_graph(PackedPrefillGraph(model).eval(), _prefill_sample_inputs(model), work / PREFILL_FILE,
+                      input_names=PREFILL_INPUTS, output_names=output_names(L),
+                      dynamic_shapes=_prefill_dynamic_shapes(), dimension_names=_PREFILL_DIMENSION_NAMES,
+                      opset=opset, external_data=external_data, model_dir=model_dir)
+
+
+def _export_manifest(model, model_dir: Path, work: Path, *, opset: int, precision: str,
+                     packed_prefill: bool) -> dict[str, Any]:
+    """What the export's manifest.json records: its source, the model's sizes, the graphs' I/O."""
+    import onnx
+    import torch
+
+    from llmserve.models import model_type_of
+    from llmserve.models.hf_config import read_config
+
+    L = model.num_layers
+    return {
+        "format": "onnx",
+        "graph_version": GRAPH_VERSION,
+        "source_model_dir": str(model_dir),
+        "fingerprint": model_fingerprint(model_dir),
+        "model_type": model_type_of(read_config(model_dir)),
+        "architecture": type(model).__name__,
+        "num_layers": L,
+        "num_heads": model.num_heads,
+        "num_kv_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+        "vocab_size": model.vocab_size,
+        "max_positions": model.max_positions,
+        "opset": opset,
+        "dtype": "float32",
+        "precision": precision,
+        "inputs": input_names(L),
+        "outputs": output_names(L),
+        "prefill_model": PREFILL_FILE if packed_prefill else None,
+        "files": sorted(p.name for p in work.iterdir() if p.name != MANIFEST),
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

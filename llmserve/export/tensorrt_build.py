@@ -1,8 +1,9 @@
 """Build a TensorRT plan from the decoder ONNX (TensorRT 10 Python API).
 
-`build/compiled/onnx/<name>/model.onnx` -> `build/compiled/tensorrt/<name>/model.plan` + `manifest.json`
-(what it was built from, for which GPU and TensorRT, with which profiles). A plan is tied to one
-GPU model and one TensorRT version, so `manifest.json` is checked before every reuse.
+`build/compiled/tensorrt/<name>/onnx/model.onnx` (`build_for_model` exports it there) ->
+`build/compiled/tensorrt/<name>/model.plan` + `manifest.json` (what it was built from, for which
+GPU and TensorRT, with which profiles). A plan is tied to one GPU model and one TensorRT version,
+so `manifest.json` is checked before every reuse.
 
 Two optimization profiles, because TensorRT sizes a context's activation memory for the largest
 shapes of its profile and attention's scratch grows as batch x seq x (past + seq):
@@ -20,7 +21,6 @@ their ONNX types: logits and present K/V are float32 in every precision.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import time
@@ -28,12 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmserve.export.manifest import COMPILED_ROOT, MANIFEST, default_compiled_dir, write_manifest
+from llmserve.engine.config import DEFAULT_MAX_NUM_SEQS
+from llmserve.export.graph_io import PAST_PREFIX, is_past_name, past_names
+from llmserve.export.manifest import COMPILED_ROOT, MANIFEST, default_compiled_dir, manifest_or_empty, write_manifest
 from llmserve.export.tensorrt_env import (PLAN_FILE, PLAN_FORMAT, GpuInfo, current_gpu, import_tensorrt,
                                           onnx_fingerprint, plan_mismatch, read_plan_info)
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
-DEFAULT_MAX_BATCH_SIZE = 64  # EngineConfig.max_num_seqs' default
+DEFAULT_MAX_BATCH_SIZE = DEFAULT_MAX_NUM_SEQS  # a plan's batch holds the engine's slots
 DEFAULT_MAX_PREFILL_BATCH = 8
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 FP8_MIN_CAPABILITY = (8, 9)  # Ada, Hopper and later
@@ -79,6 +81,12 @@ class BuildSettings:
     def prefill_tokens(self) -> int:
         return min(self.max_num_tokens or self.max_model_len, self.max_model_len)
 
+    def recorded(self) -> dict[str, Any]:
+        """The settings a plan's manifest records and its reuse must match (`plan_mismatch`)."""
+        return {"precision": self.precision, "max_batch_size": self.max_batch_size,
+                "max_model_len": self.max_model_len, "max_num_tokens": self.prefill_tokens,
+                "max_prefill_batch": min(self.max_prefill_batch, self.max_batch_size)}
+
 
 def profile_shapes(settings: BuildSettings, num_layers: int, num_kv_heads: int,
                    head_dim: int) -> dict[str, dict[str, list[list[int]]]]:
@@ -99,19 +107,17 @@ def profile_shapes(settings: BuildSettings, num_layers: int, num_kv_heads: int,
             "position_ids": [[b, t] for b, t in zip(batch, tokens)],
             "attention_mask": [[b, p + t] for b, t, p in zip(batch, tokens, past)],
         }
-        for i in range(num_layers):
-            for kind in ("key", "value"):
-                shapes[f"past_key_values.{i}.{kind}"] = [[b, num_kv_heads, p, head_dim] for b, p in zip(batch, past)]
+        for past_name in past_names(num_layers):
+            shapes[past_name] = [[b, num_kv_heads, p, head_dim] for b, p in zip(batch, past)]
         profiles[name] = shapes
     return profiles
 
 
 def _network_layout(network) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) read off the parsed network's past inputs."""
-    past = [network.get_input(i) for i in range(network.num_inputs)
-            if network.get_input(i).name.startswith("past_key_values.")]
+    past = [network.get_input(i) for i in range(network.num_inputs) if is_past_name(network.get_input(i).name)]
     if not past:
-        raise TensorRTBuildError("the ONNX has no past_key_values.* inputs: not the decoder graph of "
+        raise TensorRTBuildError(f"the ONNX has no {PAST_PREFIX}* inputs: not the decoder graph of "
                                  "llmserve/export/graph.py")
     _, heads, _, head_dim = past[0].shape
     if heads <= 0 or head_dim <= 0:
@@ -180,7 +186,7 @@ def _calibration_batches(model_dir: Path, shapes: dict[str, list[int]]) -> list[
         inputs = {"input_ids": ids, "attention_mask": mask,
                   "position_ids": torch.arange(seq, device="cuda").expand(batch, seq).contiguous()}
         for name, shape in shapes.items():
-            if name.startswith("past_key_values."):
+            if is_past_name(name):
                 inputs[name] = torch.zeros(shape, dtype=torch.float32, device="cuda")
         batches.append(inputs)
     return batches
@@ -230,15 +236,13 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX export at {onnx_path}: `make engine RUNTIME=tensorrt` exports the "
                                 f"model for TensorRT and builds the plan (build_for_model)")
-    export_info = _read_json(onnx_dir / MANIFEST)
+    export_info = manifest_or_empty(onnx_dir)
     if max_model_len is None:
         max_model_len = int(export_info.get("max_positions") or 0) or 1024
     settings = BuildSettings(precision, max_batch_size, max_model_len, max_num_tokens, max_prefill_batch,
                              workspace_bytes)
     source = onnx_fingerprint(onnx_dir)
-    wanted = {"precision": precision, "max_batch_size": max_batch_size, "max_model_len": max_model_len,
-              "max_num_tokens": settings.prefill_tokens,
-              "max_prefill_batch": min(max_prefill_batch, max_batch_size)}
+    wanted = settings.recorded()
     reason = plan_mismatch(read_plan_info(out_dir), trt_version=trt.__version__, gpu=gpu, source=source, **wanted)
     if reason is None and not force:
         log(f"TensorRT plan up to date: {out_dir / PLAN_FILE}")
@@ -247,54 +251,8 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
         f"on {gpu.describe()}, TensorRT {trt.__version__}")
 
     started = time.monotonic()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    _check_precision(trt, builder, precision, gpu)
-    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # finds model.onnx.data beside it
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n{errors}")
-    num_layers, num_kv_heads, head_dim = _network_layout(network)
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    profiles = profile_shapes(settings, num_layers, num_kv_heads, head_dim)
-    graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-    if graph_inputs != set(profiles["decode"]):
-        raise TensorRTBuildError(f"the ONNX inputs {sorted(graph_inputs)} are not those of llmserve/export/graph.py "
-                                 f"({sorted(profiles['decode'])})")
-    for shapes in profiles.values():
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-
-    pinned = 0
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32 matmuls here
-    if precision in ("fp16", "int8", "fp8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-        pinned = _keep_sensitive_layers_fp32(trt, network, config)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        # Kept referenced until the build is done: TensorRT calls back into it.
-        calibrator = _int8_calibrator(trt, builder, config, export_info, model_dir,
-                                      (num_layers, num_kv_heads, head_dim))
-        config.int8_calibrator = calibrator
-    if precision == "fp8":
-        if not _has_quantize_layers(trt, network):
-            raise TensorRTBuildError("fp8 needs an explicitly quantized ONNX (QuantizeLinear/DequantizeLinear "
-                                     "nodes in FP8, e.g. from NVIDIA's TensorRT Model Optimizer); this export "
-                                     "has none: use fp16 or int8")
-        config.set_flag(trt.BuilderFlag.FP8)
-
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise TensorRTBuildError(f"TensorRT could not build a {precision} plan from {onnx_path} for "
-                                 f"{gpu.describe()}: see TensorRT's log above")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for the new plan
+    built = _build_plan(trt, gpu, onnx_path, settings, export_info, model_dir)
+    num_layers, num_kv_heads, head_dim = built.layout
     info = {
         "format": PLAN_FORMAT,
         "runtime": "tensorrt",
@@ -306,19 +264,99 @@ def build_tensorrt(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, p
         "gpu": {"name": gpu.name, "compute_capability": gpu.sm},
         "tensorrt_version": trt.__version__,
         **wanted,
-        "profiles": profiles,
-        "layers_pinned_fp32": pinned,
+        "profiles": built.profiles,
+        "layers_pinned_fp32": built.layers_pinned_fp32,
         "layout": {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim},
         "build_settings": asdict(settings),
         "build_seconds": round(time.monotonic() - started, 1),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = out_dir / (PLAN_FILE + ".tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, out_dir / PLAN_FILE)
-    write_manifest(out_dir, info)  # last: a plan without its manifest is never taken as built
+    _write_plan(out_dir, built.plan, info)
     log(f"TensorRT plan written in {info['build_seconds']} s: {out_dir / PLAN_FILE}")
     return out_dir
+
+
+@dataclass(slots=True, frozen=True)
+class _BuiltPlan:
+    plan: bytes  # the serialized plan
+    profiles: dict[str, dict[str, list[list[int]]]]
+    layers_pinned_fp32: int
+    layout: tuple[int, int, int]  # (num_layers, num_kv_heads, head_dim)
+
+
+def _build_plan(trt, gpu: GpuInfo, onnx_path: Path, settings: BuildSettings, export_info: dict[str, Any],
+                model_dir) -> _BuiltPlan:
+    """Parse the ONNX, set the profiles and the precision, build. Every TensorRT object lives until
+    the plan's bytes are copied out (the parser holds the network's weights)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    _check_precision(trt, builder, settings.precision, gpu)
+    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # finds model.onnx.data beside it
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n{errors}")
+    layout = _network_layout(network)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    profiles = _add_profiles(builder, config, network, settings, layout)
+    pinned, calibrator = _set_precision(trt, builder, network, config, settings.precision, export_info, model_dir,
+                                        layout)
+    serialized = builder.build_serialized_network(network, config)
+    del calibrator  # TensorRT calls back into it during the build: kept referenced until now
+    if serialized is None:
+        raise TensorRTBuildError(f"TensorRT could not build a {settings.precision} plan from {onnx_path} for "
+                                 f"{gpu.describe()}: see TensorRT's log above")
+    return _BuiltPlan(bytes(serialized), profiles, pinned, layout)
+
+
+def _add_profiles(builder, config, network, settings: BuildSettings,
+                  layout: tuple[int, int, int]) -> dict[str, dict[str, list[list[int]]]]:
+    """Add the decode and prefill optimization profiles (`profile_shapes`) to `config`; returns them."""
+    profiles = profile_shapes(settings, *layout)
+    graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    if graph_inputs != set(profiles["decode"]):
+        raise TensorRTBuildError(f"the ONNX inputs {sorted(graph_inputs)} are not those of llmserve/export/graph.py "
+                                 f"({sorted(profiles['decode'])})")
+    for shapes in profiles.values():
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    return profiles
+
+
+def _set_precision(trt, builder, network, config, precision: str, export_info: dict[str, Any], model_dir,
+                   layout: tuple[int, int, int]):
+    """The builder flags of `precision` (see the module docstring). Returns how many layers were
+    pinned to fp32, and the int8 calibrator (None for other precisions), which must outlive the build."""
+    pinned, calibrator = 0, None
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32 matmuls here
+    if precision in ("fp16", "int8", "fp8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        pinned = _keep_sensitive_layers_fp32(trt, network, config)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        calibrator = _int8_calibrator(trt, builder, config, export_info, model_dir, layout)
+        config.int8_calibrator = calibrator
+    if precision == "fp8":
+        if not _has_quantize_layers(trt, network):
+            raise TensorRTBuildError("fp8 needs an explicitly quantized ONNX (QuantizeLinear/DequantizeLinear "
+                                     "nodes in FP8, e.g. from NVIDIA's TensorRT Model Optimizer); this export "
+                                     "has none: use fp16 or int8")
+        config.set_flag(trt.BuilderFlag.FP8)
+    return pinned, calibrator
+
+
+def _write_plan(out_dir: Path, plan: bytes, info: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for the new plan
+    tmp = out_dir / (PLAN_FILE + ".tmp")
+    tmp.write_bytes(plan)
+    os.replace(tmp, out_dir / PLAN_FILE)
+    write_manifest(out_dir, info)  # last: a plan without its manifest is never taken as built
 
 
 def _int8_calibrator(trt, builder, config, export_info, model_dir, layout: tuple[int, int, int]):
@@ -329,18 +367,13 @@ def _int8_calibrator(trt, builder, config, export_info, model_dir, layout: tuple
     num_layers, num_kv_heads, head_dim = layout
     batch, seq = CALIBRATION_SHAPE
     fixed = {"input_ids": [batch, seq], "position_ids": [batch, seq], "attention_mask": [batch, 1 + seq]}
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            fixed[f"past_key_values.{i}.{kind}"] = [batch, num_kv_heads, 1, head_dim]
+    for name in past_names(num_layers):
+        fixed[name] = [batch, num_kv_heads, 1, head_dim]
     profile = builder.create_optimization_profile()  # calibration runs at one fixed shape
     for name, shape in fixed.items():
         profile.set_shape(name, shape, shape, shape)
     config.set_calibration_profile(profile)
     return _make_calibrator(trt, _calibration_batches(Path(source_model), fixed))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def stderr_log(message: str) -> None:
@@ -349,21 +382,21 @@ def stderr_log(message: str) -> None:
 
 def _serving_setting(key: str) -> int | None:
     """The llm model's LLM_<KEY> override (llmserve.triton.settings), when set: the plan is sized for the
-    engine that will load it."""
+    LLMEngine that will load it."""
     value = os.environ.get(f"LLM_{key.upper()}", "").strip()
     return int(value) if value else None
 
 
-def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLike = COMPILED_ROOT, *,
+def build_for_model(model_dir: str | os.PathLike, compiled_root: str | os.PathLike = COMPILED_ROOT, *,
                     precision: str = "fp16", max_batch_size: int | None = None,
                     max_model_len: int | None = None, max_num_tokens: int | None = None,
                     max_prefill_batch: int = DEFAULT_MAX_PREFILL_BATCH, force: bool = False,
                     log=stderr_log) -> Path:
     """`make engine RUNTIME=tensorrt`: the model's decoder ONNX for TensorRT, then its plan, in
-    `<engines_root>/tensorrt/<model folder name>/` (ONNX in its `onnx/` subfolder). Returns the plan's folder.
+    `<compiled_root>/tensorrt/<model folder name>/` (ONNX in its `onnx/` subfolder). Returns the plan's folder.
 
     max_batch_size and max_model_len default to the serving settings LLM_MAX_NUM_SEQS and
-    LLM_MAX_MODEL_LEN when set (else 64 and the model's context): a decode step of the engine
+    LLM_MAX_MODEL_LEN when set (else 64 and the model's context): a decode step of the LLMEngine
     runs all its sequences in one batch, so the plan must take max_num_seqs rows.
 
     TensorRT gets its own export at opset 18 (MatMul/Softmax attention, RMSNorm from Pow and
@@ -375,7 +408,7 @@ def build_for_model(model_dir: str | os.PathLike, engines_root: str | os.PathLik
     from llmserve.export.onnx_export import export_onnx
 
     model_dir = Path(model_dir).resolve()
-    plan_dir = default_compiled_dir("tensorrt", model_dir, engines_root)
+    plan_dir = default_compiled_dir("tensorrt", model_dir, compiled_root)
     onnx_dir = export_onnx(model_dir, out_dir=plan_dir / "onnx", opset=TENSORRT_ONNX_OPSET, force=force,
                            packed_prefill=False)  # TensorRT builds from model.onnx alone
     return build_tensorrt(onnx_dir, plan_dir, precision=precision,

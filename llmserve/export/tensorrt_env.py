@@ -7,14 +7,12 @@ to both is the container (docker/).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llmserve.export.manifest import MANIFEST
+from llmserve.export.manifest import MANIFEST, manifest_or_empty, read_manifest, sha256_file
 
 CONTAINER_HINT = ("run it in the container (docker/: `docker compose -f docker/compose.yaml up`), "
                   "see the README's TensorRT section")
@@ -63,30 +61,21 @@ def current_gpu(device: int = 0) -> GpuInfo:
     return GpuInfo(props.name, (props.major, props.minor), props.total_memory)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def onnx_fingerprint(onnx_dir: Path) -> dict[str, Any]:
     """What a plan records of the ONNX it was built from: the graph file's sha256, the sizes of its
     external data files, and the export's own manifest.json fingerprint (of the HF model)."""
     graph = onnx_dir / "model.onnx"
-    info_path = onnx_dir / MANIFEST
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = manifest_or_empty(onnx_dir)
     data = {p.name: p.stat().st_size for p in sorted(onnx_dir.iterdir()) if p.name.startswith("model.onnx.")}
     return {"onnx_sha256": sha256_file(graph), "external_data_sizes": data,
             "model_fingerprint": info.get("fingerprint")}
 
 
 def read_plan_info(plan_dir: Path) -> dict[str, Any] | None:
-    path = plan_dir / MANIFEST
-    if not path.is_file() or not (plan_dir / PLAN_FILE).is_file():
+    """The plan's manifest, or None where the folder lacks the plan or its manifest."""
+    if not (plan_dir / MANIFEST).is_file() or not (plan_dir / PLAN_FILE).is_file():
         return None
-    return json.loads(path.read_text())
+    return read_manifest(plan_dir)
 
 
 def plan_mismatch(info: dict[str, Any] | None, *, trt_version: str, gpu: GpuInfo,

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from llmserve.engine.config import DTYPES
 from llmserve.models.attention import AttentionBatch, SlotKVCache
 from llmserve.models.base import DecoderLM
 from llmserve.models.gpt2 import GPT2LMHeadModel
@@ -28,16 +29,17 @@ _ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# EngineConfig's dtype names (torch's own) -> torch dtypes.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return DTYPES[dtype]
+        return TORCH_DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}") from None
 
 
 def model_type_of(config: dict[str, Any]) -> str:

@@ -86,21 +86,52 @@ def plan_attention(*, slots: torch.Tensor, positions: torch.Tensor, valid: torch
     if needs_mask:
         keys = torch.arange(kv_len, device=positions.device)
         mask = keys <= positions.unsqueeze(-1)  # [B, T, kv_len]: causal within the slot's context
-        if T > 1 and q_per_kv > 1:
-            # Query heads sharing a KV head are folded into the query axis (see cached_attention).
-            mask = mask.unsqueeze(2).expand(B, T, q_per_kv, kv_len).reshape(B, T * q_per_kv, kv_len)
-        mask = mask.unsqueeze(1)
+        # One query a row (T == 1): its mask broadcasts over the folded heads unrepeated.
+        mask = fold_mask(mask, q_per_kv if T > 1 else 1, T)
     return AttentionBatch(read_slots, write_slots, write_positions, kv_len, mask)
+
+
+def fold_mask(mask: torch.Tensor, q_per_kv: int, num_queries: int) -> torch.Tensor:
+    """A "may attend" mask [B, T, K] as `grouped_query_attention` takes it, [B, 1, T*q_per_kv, K]:
+    each query's row repeated for the q_per_kv query heads folded into the query axis.
+    `num_queries` is T, from the caller: an ONNX trace knows it better than the mask's shape."""
+    if q_per_kv > 1:
+        B, _, K = mask.shape
+        mask = mask.unsqueeze(2).expand(B, num_queries, q_per_kv, K).reshape(B, num_queries * q_per_kv, K)
+    return mask.unsqueeze(1)
+
+
+def fold_query_heads(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q [B, T, H, D] -> [B, Hkv, T*q_per_kv, D]: the H // Hkv query heads of each KV head folded
+    into the query-length axis, so attention needs no repeated K/V (grouped-query attention)."""
+    B, T, H, D = q.shape
+    rep = H // kv_heads
+    return q.reshape(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
+
+
+def unfold_query_heads(out: torch.Tensor, q_shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """`fold_query_heads` undone on attention's output [B, Hkv, T*q_per_kv, D] for queries of
+    `q_shape` (B, T, H, D): [B, T, Hkv, q_per_kv, D], to reshape to [..., H*D]."""
+    B, T, H, D = q_shape
+    kv_heads = out.shape[1]
+    return out.reshape(B, kv_heads, T, H // kv_heads, D).transpose(1, 2)
+
+
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float) -> torch.Tensor:
+    """q [B, T, H, D] attends keys and values [B, Hkv, K, D] under `mask` (from `fold_mask`; None:
+    all), its heads folded (`fold_query_heads`); returns [B, T, H*D]."""
+    B, T, H, D = q.shape
+    out = F.scaled_dot_product_attention(fold_query_heads(q, keys.shape[1]), keys, values, attn_mask=mask,
+                                         scale=scale)
+    return unfold_query_heads(out, q.shape).reshape(B, T, H * D)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Store k, v [B, T, Hkv, D] in the cache, attend q [B, T, H, D] to it; returns [B, T, H*D].
-
-    Grouped-query attention without repeating K/V: the H // Hkv query heads of each KV head
-    are folded into the query-length axis, so SDPA sees [B, Hkv, T*q_per_kv, D] queries.
-    """
-    B, T, H, D = q.shape
+    """Store k, v [B, T, Hkv, D] in the cache, attend q [B, T, H, D] to it (`grouped_query_attention`);
+    returns [B, T, H*D]."""
+    B, T, _, D = q.shape
     kv_heads = k.shape[2]
     k_cache[batch.write_slots, :, batch.write_positions] = k.reshape(B * T, kv_heads, D)
     v_cache[batch.write_slots, :, batch.write_positions] = v.reshape(B * T, kv_heads, D)
@@ -110,10 +141,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     else:
         keys = k_cache[:, :, : batch.kv_len].index_select(0, batch.read_slots)
         values = v_cache[:, :, : batch.kv_len].index_select(0, batch.read_slots)
-    rep = H // kv_heads
-    queries = q.reshape(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask, scale=scale)
-    return out.reshape(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B, T, H * D)
+    return grouped_query_attention(q, keys, values, batch.mask, scale)
 
 
 @dataclass(slots=True)
@@ -131,7 +159,7 @@ class PackedPrefill:
     padded_index: torch.Tensor  # [N] where each token sits in the padded [B*T] layout
     batch_size: int  # B prompts
     max_len: int  # T, the longest prompt
-    mask: torch.Tensor  # [B, 1, T*q_per_kv, T] causal "may attend", query heads folded as in cached_attention
+    mask: torch.Tensor  # [B, 1, T*q_per_kv, T] causal "may attend", query heads folded (`fold_mask`)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, scale: float) -> torch.Tensor:
@@ -147,31 +175,28 @@ def packed_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     [B*T]; `mask` from `prompt_causal_mask`). Returns [1, N, H*D]. Shared by the torch runner
     and the ONNX packed-prefill graph."""
     H, D = q.shape[2:]
-    kv_heads = k.shape[2]
-    B, T, rep = batch_size, max_len, H // kv_heads
+    B, T = batch_size, max_len
 
     def padded(x: torch.Tensor) -> torch.Tensor:  # [1, N, heads, D] -> [B, T, heads, D]
         out = x.new_zeros(B * T, x.shape[2], D)
         out[padded_index] = x[0]
         return out.view(B, T, x.shape[2], D)
 
-    queries = padded(q).view(B, T, kv_heads, rep, D).transpose(1, 2).reshape(B, kv_heads, T * rep, D)
+    # grouped_query_attention's steps, q folded before k and v are padded: the order of the
+    # exported prefill graph's nodes.
+    queries = fold_query_heads(padded(q), k.shape[2])
     out = F.scaled_dot_product_attention(queries, padded(k).transpose(1, 2), padded(v).transpose(1, 2),
                                          attn_mask=mask, scale=scale)
-    out = out.view(B, kv_heads, T, rep, D).transpose(1, 2).reshape(B * T, H * D)
-    return out[padded_index].unsqueeze(0)
+    return unfold_query_heads(out, (B, T, H, D)).reshape(B * T, H * D)[padded_index].unsqueeze(0)
 
 
 def prompt_causal_mask(valid: torch.Tensor, q_per_kv: int) -> torch.Tensor:
     """The "may attend" mask [B, 1, T*q_per_kv, T] of prompts padded to [B, T] (`valid`: the real
     tokens): causal within each prompt; padding queries (past a prompt's end) still see its real
-    keys, so no row is empty. Query heads sharing a KV head are folded as in cached_attention."""
-    B, T = valid.shape
+    keys, so no row is empty. Query heads sharing a KV head are folded (`fold_mask`)."""
+    T = valid.shape[1]
     offsets = torch.arange(T, device=valid.device)
-    mask = (offsets <= offsets.unsqueeze(1)) & valid.unsqueeze(1)  # [B, T, T]
-    if q_per_kv > 1:
-        mask = mask.unsqueeze(2).expand(B, T, q_per_kv, T).reshape(B, T * q_per_kv, T)
-    return mask.unsqueeze(1)
+    return fold_mask((offsets <= offsets.unsqueeze(1)) & valid.unsqueeze(1), q_per_kv, T)  # from [B, T, T]
 
 
 @dataclass(slots=True, frozen=True)

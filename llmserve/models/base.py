@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,6 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.models.attention import Attention, SlotKVCache
+
+
+@dataclass(slots=True, frozen=True)
+class ArchConfig:
+    """The sizes every architecture has, read from its HF config; subclasses add their own."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int  # longest context the model supports
+    tie_word_embeddings: bool
 
 
 def make_lm_head(hidden_size: int, vocab_size: int, tied: bool) -> nn.Linear | None:
@@ -19,7 +34,7 @@ def make_lm_head(hidden_size: int, vocab_size: int, tied: bool) -> nn.Linear | N
 class DecoderLM(nn.Module):
     """A decoder-only LM that reads and writes a `SlotKVCache`.
 
-    Subclasses set the shape attributes in `__init__`. They are built on the meta device
+    Subclasses set the shape attributes in `__init__` (`_take_sizes`). They are built on the meta device
     and filled by `load_weights`, so `__init__` must not compute anything from parameters.
     """
 
@@ -30,6 +45,13 @@ class DecoderLM(nn.Module):
     head_dim: int
     max_positions: int  # longest context the model supports
     lm_head: nn.Linear | None  # None when tied to the input embedding
+
+    def _take_sizes(self, cfg: ArchConfig) -> None:
+        """Set `cfg` and the shape attributes from it (first thing in a subclass's `__init__`)."""
+        self.cfg = cfg
+        self.vocab_size, self.num_layers = cfg.vocab_size, cfg.num_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.max_positions = cfg.max_positions
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> DecoderLM:

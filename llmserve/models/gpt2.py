@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llmserve.models.attention import Attention, SlotKVCache
-from llmserve.models.base import DecoderLM, make_lm_head
+from llmserve.models.base import ArchConfig, DecoderLM, make_lm_head
 from llmserve.models.layers import get_activation
 from llmserve.models.weights import assign_parameters, strip_prefix
 
@@ -21,28 +21,24 @@ _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 
 @dataclass(slots=True, frozen=True)
-class GPT2ArchConfig:
-    vocab_size: int
-    hidden_size: int
+class GPT2ArchConfig(ArchConfig):
     inner_size: int
-    num_layers: int
-    num_heads: int
-    max_positions: int
     layer_norm_eps: float
     activation: str
     scale_attn_weights: bool
     scale_attn_by_inverse_layer_idx: bool
-    tie_word_embeddings: bool
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> GPT2ArchConfig:
-        hidden = config["n_embd"]
+        hidden, heads = config["n_embd"], config["n_head"]
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=hidden,
             inner_size=config.get("n_inner") or 4 * hidden,
             num_layers=config["n_layer"],
-            num_heads=config["n_head"],
+            num_heads=heads,
+            num_kv_heads=heads,  # multi-head attention
+            head_dim=hidden // heads,
             max_positions=config["n_positions"],
             layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
             activation=config.get("activation_function", "gelu_new"),
@@ -55,7 +51,7 @@ class GPT2ArchConfig:
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: GPT2ArchConfig, layer_idx: int) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
@@ -98,11 +94,7 @@ class GPT2Block(nn.Module):
 class GPT2LMHeadModel(DecoderLM):
     def __init__(self, cfg: GPT2ArchConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size, self.num_layers = cfg.vocab_size, cfg.num_layers
-        self.num_heads = self.num_kv_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.max_positions = cfg.max_positions
+        self._take_sizes(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.num_layers))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llmserve.models.attention import Attention, SlotKVCache
-from llmserve.models.base import DecoderLM, make_lm_head
+from llmserve.models.base import ArchConfig, DecoderLM, make_lm_head
 from llmserve.models.hf_config import rope_settings
 from llmserve.models.layers import RMSNorm, RotaryEmbedding, get_activation, rope_linear_factor
 from llmserve.models.weights import assign_parameters, strip_prefix
@@ -38,15 +38,8 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
 
 
 @dataclass(slots=True, frozen=True)
-class LlamaArchConfig:
-    vocab_size: int
-    hidden_size: int
+class LlamaArchConfig(ArchConfig):
     intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_positions: int
     rms_norm_eps: float
     rope_theta: float
     rope_linear_factor: float
@@ -54,7 +47,6 @@ class LlamaArchConfig:
     o_bias: bool
     mlp_bias: bool
     hidden_act: str
-    tie_word_embeddings: bool
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> LlamaArchConfig:
@@ -144,10 +136,7 @@ def _fuse(tensors: dict[str, torch.Tensor], fused: str, parts: list[str]) -> Non
 class LlamaForCausalLM(DecoderLM):
     def __init__(self, cfg: LlamaArchConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size, self.num_layers = cfg.vocab_size, cfg.num_layers
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.max_positions = cfg.max_positions
+        self._take_sizes(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

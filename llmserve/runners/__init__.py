@@ -1,19 +1,24 @@
 """Runners: one batched forward step over a slot KV cache, per runtime (EngineConfig.runtime).
 
-Every runner has TorchModelRunner's interface: `forward(slots, token_ids, start_positions)` ->
-float32 logits [B, vocab], `release(slot)` (the engine is done with that slot's K/V),
+Every runner is a `Runner` (llmserve/runners/base.py): `forward(slots, token_ids, start_positions)`
+-> float32 logits [B, vocab], `release(slot)` (the engine is done with that slot's K/V),
 `copy_prefix(source, destination, length)` (the prefix cache), and attributes vocab_size,
 max_model_len, num_slots, eos_token_ids, kv_cache_bytes, device, dtype, packs_prefill (whether
 ragged prompts go in one unpadded pass).
-Runtimes other than torch are imported only when chosen.
+Runtimes other than torch are imported only when chosen. A runner is handed its compiled model's
+folder: where the checkout keeps it is decided here (`compiled_dir_of`), not in the runners.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmserve.engine.config import EngineConfig
 from llmserve.paths import from_repo_root
+
+if TYPE_CHECKING:  # the runners import torch: only when one is created
+    from llmserve.runners.base import Runner
 
 
 def compiled_dir_of(config: EngineConfig) -> Path:
@@ -26,7 +31,7 @@ def compiled_dir_of(config: EngineConfig) -> Path:
     return from_repo_root(config.compiled_dir)
 
 
-def create_runner(config: EngineConfig, *, num_threads: int | None = None):
+def create_runner(config: EngineConfig, *, num_threads: int | None = None) -> Runner:
     """The runner `config.runtime` names; `num_threads` sizes ONNX Runtime's intra-op pool (torch's
     threads are set per call by the engine)."""
     common = dict(num_slots=config.max_num_seqs, max_model_len=config.max_model_len, device=config.device,

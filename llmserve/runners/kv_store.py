@@ -34,8 +34,8 @@ def _runs(slots: Sequence[int], first_positions: Sequence[int], counts: Sequence
     return rows, slots_t, positions, columns
 
 
-# Up to this many rows, gather/scatter copy row by row, two slices per tensor (~50 us a row);
-# beyond, one indexed copy per tensor for all rows (~0.25 ms for 1 to 8 rows, mostly index building).
+# Up to this many rows, gather/scatter copy row by row (two slices per tensor); beyond, one indexed
+# copy per tensor for all rows, whose fixed cost pays off only past a few rows (docs/notes/runners-and-export.md).
 SLICE_COPY_MAX_ROWS = 3
 
 
@@ -94,9 +94,9 @@ class SlotStore:
 
 class Arena:
     """One growable float32 buffer per graph K/V input; `views(shape)` are contiguous tensors over
-    their start, so the runtime reads and writes them in place. Not initialised (zero-filling
-    every growth cost ~0.4 ms per step at 32 sequences): `SlotStore.gather` zeroes the padding it
-    leaves, and the graph writes every column of present."""
+    their start, so the runtime reads and writes them in place. Not initialised (zero-filling every
+    growth slowed each step: docs/notes/runners-and-export.md): `SlotStore.gather` zeroes the
+    padding it leaves, and the graph writes every column of present."""
 
     def __init__(self, num_tensors: int, device: str | torch.device = "cpu") -> None:
         self._device = device

@@ -1,28 +1,27 @@
-"""OnnxRuntimeRunner: the TorchModelRunner interface over the exported decoder graph
+"""OnnxRuntimeRunner: the `Runner` (llmserve/runners/base.py) over the exported decoder graph
 (llmserve/export/graph.py) on ONNX Runtime's CPU provider.
 
 K/V handling (`PastPresentRunner`, shared with the TensorRT runner): a live decode batch whose
 present buffers are bound as the next call's past, and a per-slot store, written lazily, for
 everything else. Ragged prompts from empty caches run unpadded, packed end to end, through the
-engine's second graph (`prefill.onnx`, when it has one). I/O binding throughout: ONNX Runtime
+compiled model's second graph (`prefill.onnx`, when it has one). I/O binding throughout: ONNX Runtime
 reads and writes torch-owned memory.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmserve.export.manifest import check_compiled_model, default_compiled_dir
-from llmserve.runners.torch_runner import validate_token_ids
+from llmserve.export.graph_io import DECODER_INPUTS
+from llmserve.export.manifest import check_compiled_model
 from llmserve.models.attention import packed_layout
 from llmserve.models.hf_config import eos_token_ids, read_config
-from llmserve.runners.kv_store import Arena, SlotStore
+from llmserve.runners.base import capped_model_len, check_sizes, validate_token_ids
 from llmserve.runners.past_present import PastPresentRunner
 
 MODEL_FILE = "model.onnx"
@@ -38,31 +37,27 @@ def _import_onnxruntime():
 
 
 class OnnxRuntimeRunner(PastPresentRunner):
-    """Same interface and attributes as TorchModelRunner; float32 on the CPU only."""
+    """A `Runner` on the ONNX export in `compiled_dir`; float32 on the CPU only."""
 
-    def __init__(self, model_dir: str | os.PathLike, *, num_slots: int, max_model_len: int | None = None,
-                 compiled_dir: str | os.PathLike | None = None, num_threads: int | None = None,
+    def __init__(self, model_dir: str | os.PathLike, *, num_slots: int, compiled_dir: str | os.PathLike,
+                 max_model_len: int | None = None, num_threads: int | None = None,
                  device: str = "cpu", dtype: str = "float32") -> None:
-        if num_slots <= 0:
-            raise ValueError(f"num_slots must be > 0, got {num_slots}")
-        if max_model_len is not None and max_model_len <= 0:
-            raise ValueError(f"max_model_len must be > 0, got {max_model_len}")
+        check_sizes(num_slots, max_model_len)
         if device != "cpu" or dtype != "float32":
             raise ValueError(f"runtime onnxruntime runs float32 on the CPU, not {dtype} on {device!r} "
                              "(use runtime torch or tensorrt)")
         ort = _import_onnxruntime()
-        compiled_dir = Path(compiled_dir) if compiled_dir else default_compiled_dir("onnxruntime", model_dir)
+        compiled_dir = Path(compiled_dir)
         manifest = check_compiled_model("onnxruntime", compiled_dir, model_dir, MODEL_FILE)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.compiled_dir = compiled_dir
         self.vocab_size: int = manifest["vocab_size"]
-        self.max_model_len: int = min(max_model_len or manifest["max_positions"], manifest["max_positions"])
+        self.max_model_len: int = capped_model_len(max_model_len, manifest["max_positions"])
         self.num_slots = num_slots
         self.eos_token_ids: list[int] = eos_token_ids(model_dir, read_config(model_dir))
-        self._kv_names = manifest["inputs"][3:]
-        self._present_names = manifest["outputs"][1:]
-        self._kv_shape = (manifest["num_kv_heads"], manifest["head_dim"])
+        self._kv_names = manifest["inputs"][len(DECODER_INPUTS):]
+        self._present_names = manifest["outputs"][1:]  # after the logits
         options = _session_options(ort, num_threads)
         self.session = ort.InferenceSession(str(compiled_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
         prefill_file = manifest.get("prefill_model")
@@ -70,16 +65,10 @@ class OnnxRuntimeRunner(PastPresentRunner):
         self.prefill_session = (ort.InferenceSession(str(compiled_dir / prefill_file), options,
                                                      providers=["CPUExecutionProvider"])
                                 if self.packs_prefill else None)
-        n = len(self._kv_names)
-        self.store = SlotStore(num_tensors=n, num_slots=num_slots, num_kv_heads=self._kv_shape[0],
-                               max_len=self.max_model_len, head_dim=self._kv_shape[1])
-        self.kv_cache_bytes: int = self.store.nbytes
-        # 0 and 1: the live decode batch's past/present, alternating; 2 and 3: other calls.
-        self._arenas = [Arena(n) for _ in range(4)]
-        self._live = None
-        self.calls = Counter()
+        self._init_kv(len(self._kv_names), (manifest["num_kv_heads"], manifest["head_dim"]))
         # I/O binding through ONNX Runtime's C bindings (the pinned version's `_sess` and
-        # `SessionIOBinding`): the Python wrapper re-resolves the device on every bind, ~50 us a step.
+        # `SessionIOBinding`): the Python wrapper re-resolves the device on every bind, which slows
+        # each step (docs/notes/runners-and-export.md).
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._graphs = {name: (session._sess, ort.capi.onnxruntime_pybind11_state.SessionIOBinding(session._sess))
                         for name, session in (("decoder", self.session), ("prefill", self.prefill_session))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmserve.runners.torch_runner import validate_batch, validate_token_ids
+from llmserve.runners.base import validate_batch, validate_token_ids
 from llmserve.runners.kv_store import Arena, SlotStore
 
 # When a decode batch is repacked instead of changed in place: more holes than this (beyond a
@@ -64,9 +64,8 @@ class _LivePlan:
 
 
 class PastPresentRunner:
-    """TorchModelRunner's forward contract over a past/present graph. Subclasses set device,
-    vocab_size, max_model_len, num_slots, store (SlotStore), _arenas (4 Arenas), _kv_shape
-    (heads, head_dim), _live = None and calls = Counter(), and implement `_run`."""
+    """The `Runner` contract (llmserve/runners/base.py) over a past/present graph. Subclasses set
+    device, vocab_size, max_model_len and num_slots, then call `_init_kv`, and implement `_run`."""
 
     # Columns of past every call gets at least (masked zero columns when the rows have less):
     # TensorRT's profiles take no zero-size dimension.
@@ -83,6 +82,7 @@ class PastPresentRunner:
     max_model_len: int
     num_slots: int
     store: SlotStore
+    kv_cache_bytes: int
     _arenas: list[Arena]  # 0 and 1: the live decode batch's past/present, alternating; 2 and 3: other calls
     _kv_shape: tuple[int, int]
     _live: LiveDecode | None
@@ -94,7 +94,7 @@ class PastPresentRunner:
     @torch.inference_mode()
     def forward(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]],
                 start_positions: Sequence[int]) -> torch.Tensor:
-        """See TorchModelRunner.forward: same contract, same errors."""
+        """See `Runner.forward`: same contract, same errors."""
         validate_batch(slots, token_ids, start_positions, num_slots=self.num_slots, max_model_len=self.max_model_len)
         slots, starts = list(slots), list(start_positions)
         lens = [len(tokens) for tokens in token_ids]
@@ -130,11 +130,22 @@ class PastPresentRunner:
             self._vacate(live, [live.rows.index(slot)], [False])
 
     def copy_prefix(self, source: int, destination: int, length: int) -> None:
-        """See TorchModelRunner.copy_prefix. A prompt's K/V reaches the store with its prefill pass,
+        """See `Runner.copy_prefix`. A prompt's K/V reaches the store with its prefill pass,
         or with the copy it started from, so the store holds any prefix the engine asks for; the
         destination, a slot just given out, has no live row."""
         for tensor in self.store.tensors:
             tensor[destination, :, :length] = tensor[source, :, :length]
+
+    def _init_kv(self, num_tensors: int, kv_shape: tuple[int, int], device: str | torch.device = "cpu") -> None:
+        """The K/V memory for `num_tensors` graph K/V inputs of (heads, head_dim) `kv_shape`: the
+        per-slot store (sized by num_slots and max_model_len), the arenas; no live batch yet."""
+        self._kv_shape = kv_shape
+        self.store = SlotStore(num_tensors=num_tensors, num_slots=self.num_slots, num_kv_heads=kv_shape[0],
+                               max_len=self.max_model_len, head_dim=kv_shape[1], device=device)
+        self.kv_cache_bytes = self.store.nbytes
+        self._arenas = [Arena(num_tensors, device=device) for _ in range(4)]
+        self._live = None
+        self.calls = Counter()
 
     def _leave_live(self, slots: list[int], starts: list[int]) -> None:
         """The rows of the slots a call other than a decode touches leave the live batch (their K/V

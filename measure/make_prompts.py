@@ -1,11 +1,11 @@
-"""Write loadtest/prompts.jsonl: a fixed-seed prompt mix with a realistic length spread.
+"""Write measure/prompts.jsonl: a fixed-seed prompt mix with a realistic length spread.
 
 - 45% short chat questions (a few words to one sentence),
-- 30% story openings of a sentence or two (the bench's prompt set),
+- 30% story openings of a sentence or two (the bench's prompts),
 - 25% paragraph-long prompts: one to three stories of the kind the default model
   was trained on, with an instruction in front (100-400 tokens).
 max_tokens is log-normal around 64, clipped to 16..256: most answers are short,
-a few are long. Run `python -m loadtest.make_prompts` to rewrite the file; the
+a few are long. Run `python -m measure.make_prompts` to rewrite the file; the
 same seed gives the same file.
 """
 
@@ -17,25 +17,8 @@ import math
 import random
 from pathlib import Path
 
-from bench.prompts import PROMPTS as STORY_OPENINGS
+from measure.prompts import DEFAULT_PROMPTS, QUESTIONS, STORY_OPENINGS, Prompt
 from tools.build_default_model import make_story
-from loadtest.prompts import DEFAULT_PROMPTS, Prompt
-
-QUESTIONS = [
-    "Hi!", "Tell me a story.", "What happens next?", "Can you tell me a story about a cat?",
-    "What did Lily find in the garden?", "Why was Tom sad?", "Tell me a short story about a brave fox.",
-    "Who is Max's best friend?", "Write a story about a rainy day.", "What did the little dog want?",
-    "Can you write a story for my daughter? She loves ponies.", "What is the bunny's name?",
-    "Tell me about a girl who wants to be a pilot.", "Where did Ben go after school?",
-    "Make up a bedtime story about the moon.", "What did Grandma bake for the party?",
-    "Please write a story with a happy ending.", "How did the kitten get down from the tree?",
-    "Tell me a story about two friends who build a tower.", "What did Mia paint?",
-    "Write a story where a boy loses his red hat.", "Why did the bird fly over the garden?",
-    "Tell me a story set at the beach in July.", "What is in the small box under the bed?",
-    "Can you continue the story about the old map?", "Write a funny story about a frog and a duck.",
-    "Who lives in the small house near the river?", "Tell me a story about a café in Zürich.",
-    "What did the children do on Saturday?", "Write a story about a kind old man and his dog.",
-]
 
 SEED = 20240601
 NUM_PROMPTS = 240
