@@ -26,6 +26,18 @@ DEFAULT_STOP_TIMEOUT = 1.0
 STREAM_HEADERS: dict[str, str] = {}
 
 
+class ClientSettings:
+    """What `Client` and `AsyncClient` are made with, checked the same way for both."""
+
+    def __init__(self, url: str, model: str, timeout: float | None, stop_model: str | None,
+                 stop_timeout: float) -> None:
+        self.url = normalize_url(url)
+        self.model = model
+        self.timeout = check_timeout(timeout)
+        self.stop_model = stop_model
+        self.stop_timeout = stop_timeout
+
+
 # Clients the garbage collector found open, closed at the next safe point (see TritonClient.__del__).
 # A deque: appending and popping are atomic, so `__del__` takes no lock.
 _abandoned: collections.deque[TritonClient] = collections.deque()

@@ -40,8 +40,7 @@ from ._common import (
     DEFAULT_STOP_TIMEOUT,
     DEFAULT_URL,
     STREAM_HEADERS,
-    check_timeout,
-    normalize_url,
+    ClientSettings,
     send_stop,
 )
 from ._tensors import ChunkAssembler, GenerationParams, PreparedRequest, build_request, is_final_response
@@ -99,7 +98,7 @@ def _caller_is_cancelling() -> bool:
     return bool(cancelling()) if cancelling is not None else True
 
 
-class AsyncClient:
+class AsyncClient(ClientSettings):
     """asyncio twin of `Client`: same methods, awaited.
 
     Leaving `stream()` early cancels the request on the server, including
@@ -117,11 +116,7 @@ class AsyncClient:
         stop_model: str | None = DEFAULT_STOP_MODEL,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
     ) -> None:
-        self.url = normalize_url(url)
-        self.model = model
-        self.timeout = check_timeout(timeout)
-        self.stop_model = stop_model
-        self.stop_timeout = stop_timeout
+        ClientSettings.__init__(self, url, model, timeout, stop_model, stop_timeout)
         self._triton: aio.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Open streams between requests, each with the timer that ends it unused; newest last.

@@ -30,10 +30,9 @@ from ._common import (
     DEFAULT_STOP_TIMEOUT,
     DEFAULT_URL,
     STREAM_HEADERS,
+    ClientSettings,
     TritonClient,
-    check_timeout,
     close_abandoned_clients,
-    normalize_url,
     send_stop,
 )
 from ._tensors import ChunkAssembler, GenerationParams, PreparedRequest, build_request
@@ -176,7 +175,7 @@ class _ConnectionPool:
             connection.close()
 
 
-class Client:
+class Client(ClientSettings):
     """Synchronous client for the streaming LLM served by Triton.
 
     `timeout` (seconds, None for no limit) bounds the whole request, and with
@@ -199,11 +198,7 @@ class Client:
         max_idle_connections: int = 32,
         reuse_streams: bool | None = None,
     ) -> None:
-        self.url = normalize_url(url)
-        self.model = model
-        self.timeout = check_timeout(timeout)
-        self.stop_model = stop_model
-        self.stop_timeout = stop_timeout
+        ClientSettings.__init__(self, url, model, timeout, stop_model, stop_timeout)
         if isinstance(max_idle_connections, bool) or not isinstance(max_idle_connections, int) \
                 or max_idle_connections < 0:
             raise ValueError(f"max_idle_connections must be a non-negative integer, got {max_idle_connections!r}")
