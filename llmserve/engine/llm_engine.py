@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +24,9 @@ from llmserve.engine.slots import SlotAllocator
 from llmserve.engine.stop_strings import StopStringMatcher
 from llmserve.engine.tokenizer import encode_prompt, encode_text, load_tokenizer
 from llmserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from llmserve.runners.base import Runner
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,7 +125,7 @@ class EveryStep:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, *, runner=None, tokenizer: PreTrainedTokenizerBase | None = None,
+    def __init__(self, config: EngineConfig, *, runner: Runner | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  pacer: StreamPacer | None = None) -> None:
         self.config = config
         self.pacer = pacer or EveryStep()
