@@ -79,7 +79,7 @@ class LlmDirectClient:
                     break
         except Exception as exc:  # recorded, counted as an error in the summary
             record.error = f"{type(exc).__name__}: {exc}"
-            # Not cancelled: cancelling streams can crash Triton 2.51's gRPC frontend (README "Limits").
+            # Not cancelled: cancelling streams can crash Triton 2.51's gRPC frontend (docs/known-issues.md).
             task = asyncio.get_running_loop().create_task(_end_stream(call, END_STREAM_TIMEOUT_S))
             self._ending.add(task)
             task.add_done_callback(self._ending.discard)
