@@ -1,8 +1,9 @@
 """llmserve: the in-flight batching LLM engine behind the Triton `llm` model.
 
-A plain Python package: scheduler, KV-cache slots, model runner, sampler and
-incremental detokenizer, usable and testable without a Triton server. The
-`model_repository/*/1/model.py` files are thin adapters over it.
+- `engine`: the engine itself, usable and testable without a server
+- `runners`, `models`, `export`: one forward step per runtime, the torch models, the compiled models
+- `triton`: what the `model_repository/*/1/model.py` adapters and a tritonserver process need
+- `gateway`: the public front end (to come); `paths`: the checkout's layout; `errors`
 """
 
 from llmserve.engine.config import EngineConfig, SamplingParams

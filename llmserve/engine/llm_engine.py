@@ -87,7 +87,6 @@ class EngineSnapshot:
     prefix_cached_tokens: int
     generated_tokens: int
     finished: dict[str, int]
-    has_unfinished: bool
 
     @property
     def slot_usage(self) -> float:
@@ -216,7 +215,7 @@ class LLMEngine:
             num_running=self.num_running, num_waiting=self.num_waiting, num_slots=slots.num_slots,
             num_slots_used=slots.num_used, steps=stats.steps, prompt_tokens=stats.prompt_tokens,
             prefix_cached_tokens=stats.prefix_cached_tokens, generated_tokens=stats.generated_tokens,
-            finished=dict(stats.finished), has_unfinished=self.has_unfinished())
+            finished=dict(stats.finished))
 
     # -- the step ----------------------------------------------------------------
 
