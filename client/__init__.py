@@ -23,7 +23,7 @@ from .errors import (
     ServerUnavailableError,
 )
 from .sync_client import Client
-from .types import Completion, FinishReason, StreamChunk
+from .types import Completion, FinishReason, StreamChunk, Token, TopLogprob
 
 __all__ = [
     "AsyncClient",
@@ -39,5 +39,7 @@ __all__ = [
     "RequestTimeoutError",
     "ServerUnavailableError",
     "StreamChunk",
+    "Token",
+    "TopLogprob",
     "errors",
 ]

@@ -8,6 +8,7 @@ responses back into `StreamChunk` objects.
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import uuid
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import triton_to_np_dtype
 
-from .types import StreamChunk
+from .types import StreamChunk, Token, TopLogprob
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
@@ -44,6 +45,8 @@ class GenerationParams(TypedDict, total=False):
     end_id: int | None
     pad_id: int | None
     exclude_input_in_output: bool | None
+    return_log_probs: bool | None  # fill each chunk's `tokens` (ids, texts, log probabilities)
+    top_log_probs: int | None  # that many alternatives per token, 0..20 (implies return_log_probs)
     request_id: str | None  # default: a fresh uuid4 hex
 
 
@@ -107,8 +110,22 @@ def _check_words(name: str, value: object) -> list[str]:
     return list(words)
 
 
-def build_request(prompt: str, params: GenerationParams) -> PreparedRequest:
-    """Validate the caller's arguments and build the ensemble's inputs.
+def _check_messages(messages: object) -> str:
+    """Chat messages as the JSON the ensemble's `messages` input takes; the server checks roles."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+    for index, message in enumerate(messages):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise ValueError(f"messages[{index}] must be a dict with a str 'role' and a str 'content', "
+                             f"got {message!r}")
+    return json.dumps([{"role": m["role"], "content": m["content"]} for m in messages], ensure_ascii=False)
+
+
+def build_request(prompt: str | None, params: GenerationParams, *,
+                  messages: list[dict[str, str]] | None = None) -> PreparedRequest:
+    """Validate the caller's arguments and build the ensemble's inputs (a prompt, or chat messages
+    that the server renders with the model's chat template).
 
     Raises ValueError for mistakes that are certain on the client side (wrong
     types, max_tokens < 1, values the tensor dtype cannot hold) and TypeError
@@ -117,10 +134,14 @@ def build_request(prompt: str, params: GenerationParams) -> PreparedRequest:
     unknown = set(params) - set(GenerationParams.__annotations__)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    if not isinstance(prompt, str):
+    if messages is not None:
+        prompt_input = _string_list_input("messages", [_check_messages(messages)])
+    elif not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not prompt:
+    elif not prompt:
         raise ValueError("prompt must not be empty")
+    else:
+        prompt_input = _string_list_input("text_input", [prompt])
 
     max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
     if not _is_int(max_tokens) or max_tokens < 1:  # type: ignore[operator]
@@ -132,7 +153,7 @@ def build_request(prompt: str, params: GenerationParams) -> PreparedRequest:
         raise ValueError(f"request_id must be a str, got {request_id!r}")
 
     inputs = [
-        _string_list_input("text_input", [prompt]),
+        prompt_input,
         _scalar_input("max_tokens", "INT32", max_tokens, np.int32),
         # Always stream: generate() joins the chunks, so that leaving early
         # cancels on the server in both cases.
@@ -160,6 +181,14 @@ def build_request(prompt: str, params: GenerationParams) -> PreparedRequest:
         if not isinstance(exclude, (bool, np.bool_)):
             raise ValueError(f"exclude_input_in_output must be a bool, got {exclude!r}")
         inputs.append(_scalar_input("exclude_input_in_output", "BOOL", bool(exclude), np.bool_))
+    log_probs, top = params.get("return_log_probs"), params.get("top_log_probs")
+    if log_probs is not None and not isinstance(log_probs, (bool, np.bool_)):
+        raise ValueError(f"return_log_probs must be a bool, got {log_probs!r}")
+    if top is not None:
+        inputs.append(_scalar_input("num_top_log_probs", "INT32", _check_int("top_log_probs", top, 0, INT32_MAX),
+                                    np.int32))
+    if log_probs or top:
+        inputs.append(_scalar_input("return_log_probs", "BOOL", True, np.bool_))
     return PreparedRequest(inputs=inputs, request_id=request_id, max_tokens=max_tokens)
 
 
@@ -213,6 +242,7 @@ class ChunkAssembler:
         self._finish_reason: str | None = None
         self.num_input_tokens = 0
         self.num_output_tokens = 0
+        self._held_tokens: tuple[Token, ...] = ()
         self.done = False
 
     def feed(self, result: InferResult) -> StreamChunk | None:
@@ -231,25 +261,45 @@ class ChunkAssembler:
             self.num_input_tokens = int(n_in)
         if n_out is not None:
             self.num_output_tokens = int(n_out)
+        tokens = _tokens(result) if "output_ids" in values else ()
 
         if not final:
             if self._finish_reason is None:
-                return self._chunk(text, None) if text else None
+                return self._chunk(text, None, tokens) if text or tokens else None
             # A reason before the final flag: hold the text so that exactly
             # one chunk, the last, carries the finish_reason.
             self._held_text += text
+            self._held_tokens += tokens
             return None
 
         self.done = True
         reason = self._finish_reason
         if reason is None:  # the server never said why; infer it from the counts
             reason = "length" if self.num_output_tokens >= self._max_tokens else "stop"
-        return self._chunk(self._held_text + text, reason)
+        return self._chunk(self._held_text + text, reason, self._held_tokens + tokens)
 
-    def _chunk(self, text: str, finish_reason: str | None) -> StreamChunk:
+    def _chunk(self, text: str, finish_reason: str | None, tokens: tuple[Token, ...]) -> StreamChunk:
         return StreamChunk(
             text=text,
             finish_reason=finish_reason,
             num_input_tokens=self.num_input_tokens,
             num_output_tokens=self.num_output_tokens,
+            tokens=tokens,
         )
+
+
+def _tokens(result: InferResult) -> tuple[Token, ...]:
+    """The response's new tokens with their log probabilities (sent when return_log_probs was set)."""
+    ids = result.as_numpy("output_ids").reshape(-1).tolist()
+    log_probs = result.as_numpy("output_log_probs").reshape(-1).tolist()
+    texts = result.as_numpy("output_token_texts").reshape(-1)
+    top_ids = result.as_numpy("top_token_ids").reshape(len(ids), -1).tolist()
+    top_values = result.as_numpy("top_log_probs").reshape(len(ids), -1).tolist()
+    top_texts = result.as_numpy("top_token_texts").reshape(len(ids), -1)
+    return tuple(
+        Token(id=token_id, text=texts[i].decode("utf-8", errors="replace"),
+              logprob=None if math.isnan(log_probs[i]) else log_probs[i],
+              top_logprobs=tuple(TopLogprob(id=alt, text=top_texts[i][j].decode("utf-8", errors="replace"),
+                                            logprob=top_values[i][j])
+                                 for j, alt in enumerate(top_ids[i]) if alt >= 0))
+        for i, token_id in enumerate(ids))

@@ -180,6 +180,17 @@ class AsyncClient(ClientSettings):
         request = build_request(prompt, params)
         return self._stream(request)
 
+    async def chat(self, messages: list[dict[str, str]], **params: Unpack[GenerationParams]) -> Completion:
+        """Like `generate()`, for chat messages ({"role", "content"} dicts) that the server renders with
+        the model's chat template (a model without one: BadRequestError)."""
+        async with contextlib.aclosing(self.stream_chat(messages, **params)) as chunks:
+            return Completion.from_chunks([chunk async for chunk in chunks])
+
+    def stream_chat(self, messages: list[dict[str, str]],
+                    **params: Unpack[GenerationParams]) -> AsyncGenerator[StreamChunk, None]:
+        """Like `stream()`, for chat messages (see `chat()`)."""
+        return self._stream(build_request(None, params, messages=messages))
+
     async def _stream(self, request: PreparedRequest) -> AsyncGenerator[StreamChunk, None]:
         triton = self._client()
         message = _request_message(self.model, request)

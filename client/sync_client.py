@@ -245,6 +245,17 @@ class Client(ClientSettings):
         request = build_request(prompt, params)
         return self._stream(request)
 
+    def chat(self, messages: list[dict[str, str]], **params: Unpack[GenerationParams]) -> Completion:
+        """Like `generate()`, for chat messages ({"role", "content"} dicts) that the server renders with
+        the model's chat template (a model without one: BadRequestError)."""
+        with contextlib.closing(self.stream_chat(messages, **params)) as chunks:
+            return Completion.from_chunks(chunks)
+
+    def stream_chat(self, messages: list[dict[str, str]],
+                    **params: Unpack[GenerationParams]) -> Generator[StreamChunk, None, None]:
+        """Like `stream()`, for chat messages (see `chat()`)."""
+        return self._stream(build_request(None, params, messages=messages))
+
     def _stream(self, request: PreparedRequest) -> Generator[StreamChunk, None, None]:
         connection = self._pool.acquire()
         assembler = ChunkAssembler(request.max_tokens)

@@ -5,7 +5,7 @@ import pytest
 
 from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.errors import InvalidRequestError
-from llmserve.triton.parsing import parse_llm_request, parse_text_input
+from llmserve.triton.parsing import parse_llm_request, parse_prompt
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -40,16 +40,16 @@ def batched(value, dtype):
     return np.array([[value]], dtype=dtype)
 
 
-def test_parse_text_input():
-    assert parse_text_input({"text_input": batched("héllo".encode(), object)}) == "héllo"
+def test_parse_prompt():
+    assert parse_prompt({"text_input": batched("héllo".encode(), object)}).text == "héllo"
     with pytest.raises(InvalidRequestError, match="empty"):
-        parse_text_input({"text_input": batched(b"", object)})
+        parse_prompt({"text_input": batched(b"", object)})
     with pytest.raises(InvalidRequestError, match="UTF-8"):
-        parse_text_input({"text_input": batched(b"\xff\xfeabc", object)})
+        parse_prompt({"text_input": batched(b"\xff\xfeabc", object)})
     with pytest.raises(InvalidRequestError, match="required"):
-        parse_text_input({})
+        parse_prompt({})
     with pytest.raises(InvalidRequestError, match="batch dimension 1"):
-        parse_text_input({"text_input": np.array([[b"a"], [b"b"]], dtype=object)})
+        parse_prompt({"text_input": np.array([[b"a"], [b"b"]], dtype=object)})
 
 
 def test_parse_llm_request():

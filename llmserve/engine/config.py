@@ -13,6 +13,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 # config.pbtxt leaves them empty. On CPU the ONNX Runtime runner is the fastest (docs/runtimes.md).
 DEFAULT_RUNTIME = "onnxruntime"
 DEFAULT_MAX_NUM_SEQS = 64
+# Alternatives reported per generated token at most (OpenAI's own cap for top_logprobs).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,6 +79,8 @@ class SamplingParams:
     end_id: int | None = None  # None = the model's EOS ids
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop_words, matched on text
     bad_words: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: bool = False  # return_log_probs: each generated token's log probability
+    top_logprobs: int = 0  # num_top_log_probs: that many most likely tokens per position (implies logprobs)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_tokens, int) and self.max_tokens > 0,
@@ -97,6 +101,9 @@ class SamplingParams:
                  f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _require(self.seed is None or 0 <= self.seed < 2**64, f"seed must be a uint64, got {self.seed}")
         _require(self.end_id is None or self.end_id >= 0, f"end_id must be >= 0, got {self.end_id}")
+        _require(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        self.logprobs = bool(self.logprobs or self.top_logprobs)
         self.stop = tuple(s for s in self.stop if s)
         self.bad_words = tuple(s for s in self.bad_words if s)
 

@@ -5,6 +5,7 @@ Not thread-safe: one thread owns an engine (see `llmserve.engine.loop.EngineLoop
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.engine.detokenizer import IncrementalDetokenizer, TextUnit, decode
 from llmserve.engine.output_buffer import Emission, OutputBuffer
 from llmserve.engine.prefill import PARALLEL_PREFILL_MIN_TOKENS, ForwardPass, plan_passes
-from llmserve.engine.sampler import Sampler
+from llmserve.engine.sampler import Sampler, TokenLogprobs, token_logprobs
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.engine.slots import SlotAllocator
@@ -48,6 +49,16 @@ class RequestOutput:
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
+    # Only when the request asked for log probabilities: one entry per new token of the window
+    # (token_ids[prefix_length:]), NaN for echoed prompt tokens; and the sum over all generated tokens.
+    log_probs: list[float] | None = None
+    top_ids: list[list[int]] | None = None
+    top_log_probs: list[list[float]] | None = None
+    cum_log_prob: float | None = None
+
+
+def _joined(first: list | None, second: list | None) -> list | None:
+    return None if first is None or second is None else first + second
 
 
 def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
@@ -57,10 +68,14 @@ def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
         return second
     if not second.token_ids:
         return replace(second, token_ids=first.token_ids, prefix_length=first.prefix_length,
-                       text_length=first.text_length, text=first.text)
+                       text_length=first.text_length, text=first.text, log_probs=first.log_probs,
+                       top_ids=first.top_ids, top_log_probs=first.top_log_probs)
     text_length = -1 if second.text_length < 0 else len(first.text) + second.text_length
     return replace(second, token_ids=first.token_ids + second.token_ids[second.prefix_length:],
-                   prefix_length=first.prefix_length, text_length=text_length, text=first.text + second.text)
+                   prefix_length=first.prefix_length, text_length=text_length, text=first.text + second.text,
+                   log_probs=_joined(first.log_probs, second.log_probs),
+                   top_ids=_joined(first.top_ids, second.top_ids),
+                   top_log_probs=_joined(first.top_log_probs, second.top_log_probs))
 
 
 @dataclass(slots=True)
@@ -229,9 +244,9 @@ class LLMEngine:
             self.runner.copy_prefix(source, destination, length)
         outputs: list[RequestOutput] = []
         for forward_pass in plan_passes(batch.prefill, batch.decode, packs_prefill=self.runner.packs_prefill):
-            tokens = self._run(forward_pass)
-            pass_outputs = [out for seq, token in zip(forward_pass.seqs, tokens)
-                            if (out := self._postprocess(seq, token)) is not None]
+            tokens, logprobs = self._run(forward_pass)
+            pass_outputs = [out for seq, token, token_logprobs in zip(forward_pass.seqs, tokens, logprobs)
+                            if (out := self._postprocess(seq, token, token_logprobs)) is not None]
             if emit is not None:
                 emit(pass_outputs)
             else:
@@ -240,26 +255,28 @@ class LLMEngine:
             self.stats.steps += 1
         return outputs
 
-    def _run(self, forward_pass: ForwardPass) -> list[int]:
-        """One forward pass and its sampled tokens; its prompts' K/V is then in their slots."""
+    def _run(self, forward_pass: ForwardPass) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """One forward pass, its sampled tokens and their log probabilities where asked; its prompts'
+        K/V is then in their slots."""
         seqs = forward_pass.seqs
         big_prefill = forward_pass.prefill and forward_pass.num_tokens >= PARALLEL_PREFILL_MIN_TOKENS
         torch.set_num_threads(self._prefill_threads if big_prefill else self._decode_threads)
         logits = self.runner.forward([s.slot for s in seqs], [s.pending_ids for s in seqs],
                                      [s.num_cached for s in seqs])
         tokens = self.sampler(logits, seqs)
+        logprobs = token_logprobs(logits, tokens, seqs)
         for seq in seqs:
             if seq.num_cached < seq.num_prompt_tokens:
                 self.stats.prefix_cached_tokens += seq.num_prefix_cached
                 self.scheduler.prompt_computed(seq)
             seq.num_cached = len(seq.ids)
-        return tokens
+        return tokens, logprobs
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput | None:
+    def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput | None:
         params = seq.params
         if token in seq.stop_ids:  # the sampler bans these before min_tokens
             return self._finish(seq, "stop")
-        seq.append(token)
+        seq.append(token, logprobs)
         self.stats.generated_tokens += 1
         unit = seq.detokenizer.step()
         if unit is not None and seq.output.add(unit, check_stop=seq.num_output_tokens >= params.min_tokens):
@@ -297,9 +314,27 @@ class LLMEngine:
             ids = seq.ids[emission.prefix_offset:emission.end_offset]
             prefix_length = emission.read_offset - emission.prefix_offset
             text_length, text = emission.text_length, emission.text
-        return RequestOutput(seq.seq_id, seq.request_id, ids, prefix_length, text_length, text,
-                             finish_reason is not None, finish_reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens)
+        out = RequestOutput(seq.seq_id, seq.request_id, ids, prefix_length, text_length, text,
+                            finish_reason is not None, finish_reason, seq.num_prompt_tokens,
+                            seq.num_output_tokens)
+        if seq.logprobs is None:
+            return out
+        log_probs: list[float] = []
+        top_ids: list[list[int]] = []
+        top_log_probs: list[list[float]] = []
+        if emission is not None:
+            for position in range(emission.read_offset, emission.end_offset):
+                index = position - seq.num_prompt_tokens
+                if index < 0:  # an echoed prompt token
+                    log_probs.append(math.nan)
+                    top_ids.append([])
+                    top_log_probs.append([])
+                else:
+                    log_probs.append(seq.logprobs[index])
+                    top_ids.append(seq.top_logprobs[index][0])
+                    top_log_probs.append(seq.top_logprobs[index][1])
+        return replace(out, log_probs=log_probs, top_ids=top_ids, top_log_probs=top_log_probs,
+                       cum_log_prob=seq.cum_logprob)
 
     # -- in-process use --------------------------------------------------------------
 

@@ -3,9 +3,15 @@
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p
 over one sort, then invert the CDF with a uniform draw from the sequence's own
 generator, so a seeded request is reproducible whatever else is in the batch.
+
+Rows that asked for log probabilities get them from the same logits the token
+is chosen from, after penalties and banned tokens and before temperature,
+top-k and top-p (vLLM's "processed logits" without the sampling transforms).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,8 +54,37 @@ def banned_tokens(seq: Sequence) -> list[int]:
     return banned
 
 
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    """The chosen token's log probability and the `top_logprobs` most likely tokens at its position."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+    """Log probabilities of the chosen tokens, for the rows whose request asked for them: `logits` as
+    `Sampler` left them."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs]
+    result: list[TokenLogprobs | None] = [None] * len(seqs)
+    if not rows:
+        return result
+    log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = log_probs.gather(1, torch.tensor([[tokens[i]] for i in rows])).squeeze(1).tolist()
+    k = max(seqs[i].params.top_logprobs for i in rows)
+    top_values, top_ids = (log_probs.topk(k, dim=-1) if k else (log_probs[:, :0], log_probs[:, :0].long()))
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for row, i in enumerate(rows):
+        k_i = seqs[i].params.top_logprobs
+        result[i] = TokenLogprobs(chosen[row], top_ids[row][:k_i], top_values[row][:k_i])
+    return result
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """The next token of each sequence. `logits` is left as the tokens were chosen from (penalties
+        and banned tokens applied) for `token_logprobs`."""
         vocab = logits.shape[-1]
         banned_rows: list[int] = []
         banned_cols: list[int] = []

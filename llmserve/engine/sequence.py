@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ import torch
 from llmserve.engine.config import SamplingParams
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.output_buffer import OutputBuffer
+
+if TYPE_CHECKING:
+    from llmserve.engine.sampler import TokenLogprobs
 
 _seq_ids = itertools.count(1)
 
@@ -25,7 +29,8 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
                  "num_prefix_cached", "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng",
-                 "token_counts", "seen_mask", "detokenizer", "output", "arrival_time")
+                 "token_counts", "seen_mask", "detokenizer", "output", "arrival_time", "logprobs", "top_logprobs",
+                 "cum_logprob")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
                  stop_ids: frozenset[int], bad_word_ids: list[list[int]],
@@ -50,6 +55,10 @@ class Sequence:
         self.detokenizer = detokenizer
         self.output = output
         self.arrival_time = time.monotonic()
+        # Per generated token, only when the request asked (params.logprobs): index i = output token i.
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.top_logprobs: list[tuple[list[int], list[float]]] | None = [] if params.logprobs else None
+        self.cum_logprob = 0.0
 
     @property
     def num_output_tokens(self) -> int:
@@ -64,8 +73,12 @@ class Sequence:
         """Tokens to feed the model this step: the prompt (or its uncached rest), then the last token."""
         return self.ids[self.num_cached:]
 
-    def append(self, token: int) -> None:
+    def append(self, token: int, logprobs: TokenLogprobs | None = None) -> None:
         self.ids.append(token)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs.logprob)
+            self.top_logprobs.append((logprobs.top_ids, logprobs.top_logprobs))
+            self.cum_logprob += logprobs.logprob
         if self.token_counts is not None:
             self.token_counts[token] += 1
             self.seen_mask[token] = True

@@ -7,11 +7,13 @@ left to check is here, with messages that name the offending input.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from llmserve.engine.chat_template import check_messages
 from llmserve.engine.config import SamplingParams
 from llmserve.errors import InvalidRequestError
 
@@ -55,16 +57,31 @@ def _strings(inputs: Inputs, name: str) -> tuple[str, ...]:
     return tuple(s for s in (_utf8(v, name) for v in array.reshape(-1)) if s)
 
 
-def parse_text_input(inputs: Inputs) -> str:
-    """The prompt text of a `preprocessing` request."""
+@dataclass(slots=True, frozen=True)
+class Prompt:
+    """A `preprocessing` request's prompt: its text, or chat messages to render with the chat template."""
+
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+def parse_prompt(inputs: Inputs) -> Prompt:
     _one_request(inputs)
-    value = _scalar(inputs, "text_input")
+    value, messages = _scalar(inputs, "text_input"), _scalar(inputs, "messages")
+    if value is not None and messages is not None:
+        raise InvalidRequestError("send either input 'text_input' or input 'messages', not both")
+    if messages is not None:
+        try:
+            decoded = json.loads(_utf8(messages, "messages"))
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"input 'messages' must be a JSON list of messages: {exc}") from None
+        return Prompt(messages=check_messages(decoded))
     if value is None:
-        raise InvalidRequestError("input 'text_input' is required")
+        raise InvalidRequestError("input 'text_input' is required (or 'messages', a JSON list of chat messages)")
     text = _utf8(value, "text_input")
     if not text:
         raise InvalidRequestError("input 'text_input' is empty: send a non-empty prompt")
-    return text
+    return Prompt(text=text)
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -91,17 +108,19 @@ def parse_generation(inputs: Inputs) -> tuple[SamplingParams, bool, bool]:
            if (value := _scalar(inputs, name)) is not None},
         stop=_strings(inputs, "stop_words"),
         bad_words=_strings(inputs, "bad_words"),
+        logprobs=bool(_scalar(inputs, "return_log_probs") or False),
+        top_logprobs=int(_scalar(inputs, "num_top_log_probs") or 0),
     )
     exclude_input = _scalar(inputs, "exclude_input_in_output")
     return params, bool(_scalar(inputs, "stream") or False), exclude_input is not None and not exclude_input
 
 
-def parse_prompt_request(inputs: Inputs) -> str:
+def parse_prompt_request(inputs: Inputs) -> Prompt:
     """Validate a whole ensemble request in `preprocessing` (the first step: errors come back fastest)
-    and return its prompt text."""
-    text = parse_text_input(inputs)
+    and return its prompt."""
+    prompt = parse_prompt(inputs)
     parse_generation(inputs)
-    return text
+    return prompt
 
 
 def parse_llm_request(inputs: Inputs) -> LLMRequest:

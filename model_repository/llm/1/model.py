@@ -14,7 +14,7 @@ from llmserve.triton.backend import error_response, request_inputs
 from llmserve.triton.gc_freeze import freeze_startup_objects
 from llmserve.triton.metrics import EngineMetrics
 from llmserve.triton.pacing import ResponseRatePacer
-from llmserve.triton.packing import OutputInfo
+from llmserve.triton.packing import OutputInfo, log_prob_arrays
 from llmserve.triton.parsing import parse_llm_request
 from llmserve.triton.settings import engine_config, max_stream_responses_per_s
 
@@ -58,10 +58,13 @@ class TritonPythonModel:
                                       "(or a sequence_id)")
 
     def _send(self, sender, out: RequestOutput):
-        response = pb_utils.InferenceResponse([
+        tensors = [
             pb_utils.Tensor("token_ids", np.array([out.token_ids], dtype=np.int32).reshape(1, -1)),
             pb_utils.Tensor("output_info", OutputInfo.of(out).pack()),
-        ])
+        ]
+        if out.log_probs is not None:  # only when asked: each tensor costs every hop a copy
+            tensors.extend(pb_utils.Tensor(name, array) for name, array in log_prob_arrays(out).items())
+        response = pb_utils.InferenceResponse(tensors)
         sender.send(response, flags=FINAL if out.finished else 0)
 
     def _fail(self, sender, exc):

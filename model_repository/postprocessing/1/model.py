@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 from llmserve.engine.tokenizer import load_tokenizer
 from llmserve.triton.backend import int_tensor, request_inputs, respond_each, string_tensor
 from llmserve.triton.gc_freeze import freeze_startup_objects
-from llmserve.triton.packing import OutputInfo, decode_window
+from llmserve.triton.packing import OutputInfo, decode_window, token_pieces
 from llmserve.triton.settings import resolve_model_dir
 
 _REMEMBERED_SEQUENCES = 4096
@@ -39,14 +39,36 @@ class TritonPythonModel:
         info = OutputInfo.unpack(inputs["output_info"])
         if not info.finish_reason and self._cancelled(request, info.sequence_id):
             self._stop(info.sequence_id)
-        text = decode_window(self.decoder, inputs["token_ids"].reshape(-1).tolist(), info.prefix_length,
-                             info.text_length)
-        return pb_utils.InferenceResponse([
+        token_ids = inputs["token_ids"].reshape(-1).tolist()
+        text = decode_window(self.decoder, token_ids, info.prefix_length, info.text_length)
+        tensors = [
             string_tensor("text_output", text),
             string_tensor("finish_reason", info.finish_reason),
             int_tensor("num_input_tokens", info.num_input_tokens),
             int_tensor("num_output_tokens", info.num_output_tokens),
-        ])
+        ]
+        if "log_probs" in inputs:
+            tensors.extend(self._log_prob_tensors(inputs, token_ids, info.prefix_length, text))
+        return pb_utils.InferenceResponse(tensors)
+
+    def _log_prob_tensors(self, inputs, token_ids, prefix_length, text):
+        """TensorRT-LLM's output_log_probs and cum_log_probs, plus each new token's id and share of the
+        text, and its top alternatives (ids, log probabilities, texts; id -1 pads)."""
+        new_ids = np.array([token_ids[prefix_length:]], dtype=np.int32)
+        pieces = token_pieces(self.decoder, token_ids, prefix_length, text)
+        top_ids = inputs["top_ids"][0]  # [new tokens, k]
+        top_texts = np.array([[self.decoder.decode([i], skip_special_tokens=False).encode() if i >= 0 else b""
+                               for i in row] for row in top_ids.tolist()], dtype=np.object_)
+        return [
+            pb_utils.Tensor("output_ids", new_ids),
+            pb_utils.Tensor("output_log_probs", inputs["log_probs"].reshape(1, -1).astype(np.float32)),
+            pb_utils.Tensor("cum_log_probs", inputs["cum_log_prob"].reshape(1, 1).astype(np.float32)),
+            pb_utils.Tensor("output_token_texts", np.array([[p.encode() for p in pieces]], dtype=np.object_)
+                            .reshape(1, -1)),
+            pb_utils.Tensor("top_token_ids", top_ids.reshape(1, *top_ids.shape).astype(np.int32)),
+            pb_utils.Tensor("top_log_probs", inputs["top_log_probs"].reshape(1, *top_ids.shape).astype(np.float32)),
+            pb_utils.Tensor("top_token_texts", top_texts.reshape(1, *top_ids.shape)),
+        ]
 
     def _cancelled(self, request, sequence_id: int) -> bool:
         """request.is_cancelled() is an IPC to the server: ask at most every CANCEL_CHECK_S per sequence,

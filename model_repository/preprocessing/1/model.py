@@ -1,4 +1,4 @@
-"""preprocessing: validate the request, prompt text -> token ids (thin adapter over llmserve).
+"""preprocessing: validate the request, prompt text (or chat messages) -> token ids (thin adapter over llmserve).
 
 It receives every ensemble input, all optional: on Triton 2.51 an ensemble
 request that lacks a required input (but has enough others) would otherwise
@@ -8,6 +8,7 @@ end with an empty response and no error.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from llmserve.engine.chat_template import render_chat
 from llmserve.engine.tokenizer import encode_prompt, load_tokenizer
 from llmserve.triton.backend import request_inputs, respond_each
 from llmserve.triton.gc_freeze import freeze_startup_objects
@@ -28,6 +29,8 @@ class TritonPythonModel:
         return respond_each(requests, self._respond)
 
     def _respond(self, request):
-        ids = encode_prompt(self.tokenizer, parse_prompt_request(request_inputs(request)))
+        prompt = parse_prompt_request(request_inputs(request))
+        text = prompt.text if prompt.messages is None else render_chat(self.tokenizer, prompt.messages)
+        ids = encode_prompt(self.tokenizer, text)
         return pb_utils.InferenceResponse([pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
                                            pb_utils.Tensor("poll_cancellation", _NO_POLLING)])
