@@ -154,6 +154,40 @@ class LlmDirectSystem(TritonSystem):
         return await self.client.request(prompt, self.args.max_tokens, self.args.max_tokens)
 
 
+class GatewaySystem(_ServedSystem):
+    """The front end (llmserve.gateway) over SSE, in front of the `triton` system's server: the same
+    engine reached through one more hop (HTTP in, gRPC to Triton)."""
+
+    def __init__(self, args, triton: TritonSystem) -> None:
+        from llmserve.triton.launcher import GatewayServer
+
+        self.model = Path(args.model_dir).name
+        self.triton = triton
+        super().__init__(args, "gateway", GatewayServer(triton.server.grpc_url, log_path=args.out / "gateway.log",
+                                                        extra_args=["--served-model-name", self.model]))
+        self.session = None
+
+    def run_level(self, concurrency: int, per_worker: int | None = None):
+        # The server's finished-request counter counts these too: triton's prompt_tokens waits for it.
+        self.triton.requests_sent += concurrency * (per_worker or requests_per_worker(self.args, concurrency))
+        return super().run_level(concurrency, per_worker)
+
+    async def request(self, prompt: str):
+        import aiohttp
+
+        from bench.openai_driver import openai_sse_request
+
+        if self.session is None:  # made inside the loop it belongs to; no limit on open connections
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                 timeout=aiohttp.ClientTimeout(total=600))
+        return await openai_sse_request(self.session, self.server.url, self.model, prompt, self.args.max_tokens,
+                                        self.args.max_tokens)
+
+    def close_client(self) -> None:
+        if self.session is not None:
+            self.loop.run_until_complete(self.session.close())
+
+
 class NaiveSystem(_ServedSystem):
     def __init__(self, args) -> None:
         from bench.naive_server import NaiveServer
@@ -207,8 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "concurrency (0: none): a server that idled serves its next burst slower")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each level per system, interleaved across systems; latencies pooled")
-    parser.add_argument("--systems", default="engine,triton,naive",
-                        help="any of engine, triton, naive and llm-direct (this server's `llm` model called "
+    parser.add_argument("--systems", default="engine,triton,gateway,naive",
+                        help="any of engine, triton, gateway (the front end over SSE, in front of triton's "
+                             "server: needs triton), naive and llm-direct (this server's `llm` model called "
                              "directly: the transport's floor)")
     parser.add_argument("--out", type=Path, default=BUILD_DIR / "bench")
     parser.add_argument("--engine-transit-ms", type=_transit, default=None, metavar="LOW,HIGH",
@@ -237,7 +272,13 @@ def make_systems(args) -> list:
     """The systems under test, in the order they start and take their turns."""
     factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),
                  "naive": lambda: NaiveSystem(args), "llm-direct": lambda: LlmDirectSystem(args)}
-    systems = [factories[name]() for name in args.systems.split(",")]
+    names = args.systems.split(",")
+    systems = [factories[name]() for name in names if name != "gateway"]
+    if "gateway" in names:
+        triton = next((s for s in systems if s.name == "triton"), None)
+        if triton is None:
+            raise SystemExit("--systems: gateway runs in front of triton's server: list triton too")
+        systems.insert(systems.index(triton) + 1, GatewaySystem(args, triton))
     systems += [TritonSystem(args, name, settings) for name, settings in args.variant]
     if args.engine_transit_ms is not None:
         systems.append(EngineSystem(args, args.engine_transit_ms))

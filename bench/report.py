@@ -7,8 +7,10 @@ from pathlib import Path
 
 SYSTEM_NAMES = {"triton": "this server (ensemble, gRPC)", "naive": "naive server (FastAPI + WebSocket)",
                 "engine": "engine in-process (no server)",
+                "gateway": "the front end (OpenAI SSE) in front of this server",
                 "llm-direct": "llm model called directly (token ids, no ensemble)"}
-TARGETS = {"vs_naive_c32": 10.0, "vs_engine_c32": 0.8, "ttft_c1_minus_prefill_ms": 15.0, "ttft_p95_c32_over_c1": 4.0}
+TARGETS = {"vs_naive_c32": 10.0, "vs_engine_c32": 0.8, "ttft_c1_minus_prefill_ms": 15.0, "ttft_p95_c32_over_c1": 4.0,
+           "gateway_vs_triton_c32": 0.85, "gateway_ttft_c1_minus_triton_ms": 3.0}
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -42,6 +44,11 @@ def ratios(results: dict) -> dict:
         levels_of = systems.get(system, {})
         if "ttft_ms_p95" in levels_of.get("1", {}) and "ttft_ms_p95" in levels_of.get("32", {}):
             out[key] = levels_of["32"]["ttft_ms_p95"] / levels_of["1"]["ttft_ms_p95"]
+    gateway = systems.get("gateway", {})
+    if tps("gateway", 32) and tps("triton", 32):
+        out["gateway_vs_triton_c32"] = tps("gateway", 32) / tps("triton", 32)
+    if "ttft_ms_p50" in gateway.get("1", {}) and "ttft_ms_p50" in triton.get("1", {}):
+        out["gateway_ttft_c1_minus_triton_ms"] = gateway["1"]["ttft_ms_p50"] - triton["1"]["ttft_ms_p50"]
     if 32 in by_c and by_c[32]["llm_direct_vs_engine"] is not None:
         out["llm_direct_vs_engine_c32"] = by_c[32]["llm_direct_vs_engine"]
     return out
@@ -83,10 +90,13 @@ def markdown(results: dict) -> str:
     lines += ["", f"Prefill time alone (median, in-process, the prompt not cached): {_fmt(results.get('prefill_ms'), 2)} ms.", "",
               "| target | measured | goal |", "|---|---:|---|"]
     goals = {"vs_naive_c32": ">= 10x", "vs_engine_c32": ">= 0.8x",
-             "ttft_c1_minus_prefill_ms": "<= 15 ms", "ttft_p95_c32_over_c1": "< 4x"}
+             "ttft_c1_minus_prefill_ms": "<= 15 ms", "ttft_p95_c32_over_c1": "< 4x",
+             "gateway_vs_triton_c32": ">= 0.85x", "gateway_ttft_c1_minus_triton_ms": "<= 3 ms"}
     labels = {"vs_naive_c32": "throughput vs naive at c=32", "vs_engine_c32": "throughput vs engine at c=32",
               "ttft_c1_minus_prefill_ms": "TTFT p50 at c=1 minus prefill (ms)",
-              "ttft_p95_c32_over_c1": "TTFT p95 at c=32 / at c=1"}
+              "ttft_p95_c32_over_c1": "TTFT p95 at c=32 / at c=1",
+              "gateway_vs_triton_c32": "front end (SSE) vs this server over gRPC: throughput at c=32",
+              "gateway_ttft_c1_minus_triton_ms": "front end (SSE) minus gRPC: TTFT p50 at c=1 (ms)"}
     for key, label in labels.items():
         if key in r:
             lines.append(f"| {label} | {_fmt(r[key], 2)} | {goals[key]} |")

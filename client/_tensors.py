@@ -291,6 +291,8 @@ class ChunkAssembler:
 def _tokens(result: InferResult) -> tuple[Token, ...]:
     """The response's new tokens with their log probabilities (sent when return_log_probs was set)."""
     ids = result.as_numpy("output_ids").reshape(-1).tolist()
+    if not ids:  # e.g. the final response of a generation that ended on EOS
+        return ()
     log_probs = result.as_numpy("output_log_probs").reshape(-1).tolist()
     texts = result.as_numpy("output_token_texts").reshape(-1)
     top_ids = result.as_numpy("top_token_ids").reshape(len(ids), -1).tolist()

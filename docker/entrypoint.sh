@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Container start: make sure the compiled model for RUNTIME exists for this GPU (built from the model on
 # first start, reused from the compiled-model volume afterwards, rebuilt when it was made for another GPU,
-# TensorRT version or model), then serve the model repository in the foreground.
+# TensorRT version or model), then serve the model repository in the foreground, with the front end beside it.
 #
 # Settings (environment): RUNTIME (tensorrt | onnxruntime | torch; default tensorrt), MODEL_DIR
 # (a Hugging Face model folder; default the built one), PRECISION (tensorrt: fp16 (default) | fp32 |
@@ -24,5 +24,7 @@ if [[ "$RUNTIME" != "torch" ]]; then
     make --no-print-directory engine RUNTIME="$RUNTIME" MODEL_DIR="$MODEL_DIR" ${PRECISION:+PRECISION="$PRECISION"}
 fi
 
+# The front end (OpenAI, TGI, WebSocket, the chat page) on 9000 beside tritonserver; OPENAI_PORT= turns it off.
+OPENAI_PORT="${OPENAI_PORT-9000}"
 exec .venv/bin/python -m llmserve.triton.launcher --model-dir "$MODEL_DIR" --runtime "$RUNTIME" \
-    --http-port 8000 --grpc-port 8001 --metrics-port 8002
+    --http-port 8000 --grpc-port 8001 --metrics-port 8002 ${OPENAI_PORT:+--openai-port "$OPENAI_PORT"}

@@ -108,3 +108,81 @@ def sentencepiece_tokenizer():
     llama.pre_tokenizer, llama.decoder = tok.pre_tokenizer, tok.decoder
     llama.add_special_tokens(["<unk>", "<s>", "</s>"])
     return llama
+
+
+class GatewayProcess:
+    """`python -m llmserve.gateway` on a free port in front of a Triton gRPC URL (a subprocess, always
+    stopped): `.url` is its base URL, `.triton` the TritonServer behind it (None for a URL alone).
+    Ready when `ready_path` answers 200: /health (the ensemble is ready) by default."""
+
+    def __init__(self, triton_url: str, triton=None, *, extra_args: list[str] | None = None,
+                 ready_path: str = "/health", log_path=None) -> None:
+        from llmserve.triton.launcher import ServerProcess, free_port
+
+        self.triton = triton
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "llmserve.gateway", "--triton-url", triton_url, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "warning", *(extra_args or [])]
+        health_url = self.url + ready_path
+
+        class _Process(ServerProcess):
+            name = "gateway"
+            stop_timeout = 10.0
+
+            def command(self) -> list[str]:
+                return command
+
+            @property
+            def health_url(self) -> str:
+                return health_url
+
+        self.process = _Process(log_path=log_path)
+
+    def log_tail(self) -> str:
+        return self.process.log_tail()
+
+    def __enter__(self) -> GatewayProcess:
+        self.process.start(timeout=60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(triton_server, tmp_path_factory):
+    """The front end (llmserve.gateway) before the session's tritonserver, stopped at the end."""
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with GatewayProcess(triton_server.grpc_url, triton_server, log_path=log) as server:
+        yield server
+
+
+@pytest.fixture
+def settled_tokens():
+    """settled_tokens(triton) -> the server's generated-token counter once nothing runs and it has
+    stopped growing (raises after `timeout` s): measured before and after a cancelled request, the
+    difference is what the cancelled request generated on the server."""
+    import time
+
+    from llmserve.triton.launcher import metric
+
+    def settle(triton, timeout: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            active = metric(triton.metrics_url, "llm_active_sequences")
+            count = metric(triton.metrics_url, "llm_generated_tokens_total")
+            if active == 0 and count == last:
+                return count
+            last = count
+            time.sleep(0.15)  # the counters are flushed at most every 50 ms
+        raise AssertionError(f"the server was still generating after {timeout} s")
+
+    return settle
+
+
+@pytest.fixture(scope="session")
+def gateway_process():
+    """GatewayProcess, for a test's own gateway (another Triton, or an unreachable one)."""
+    return GatewayProcess

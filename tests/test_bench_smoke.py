@@ -17,11 +17,11 @@ def test_bench_tiny_sweep_writes_results(default_model_dir, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--model-dir", str(default_model_dir), "--concurrency", "1,2",
          "--max-tokens", "8", "--requests-per-worker", "1", "--min-requests", "3", "--repeats", "2",
-         "--systems", "engine,triton,naive,llm-direct", "--out", str(tmp_path)],
+         "--systems", "engine,triton,gateway,naive,llm-direct", "--out", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    for system in ("engine", "triton", "naive", "llm-direct"):
+    for system in ("engine", "triton", "gateway", "naive", "llm-direct"):
         for level, per_run in (("1", 3), ("2", 4)):  # at least 3 requests a run: 3 x 1 worker, 2 x 2 workers
             summary = results["systems"][system][level]
             assert summary["errors"] == 0 and summary["runs"] == 2 and summary["requests"] == 2 * per_run

@@ -89,3 +89,12 @@ def test_async_client_chat_and_log_probs(triton_server):
     chunks, whole = asyncio.run(main())
     assert "".join(c.text for c in chunks) == whole.text
     assert all(t.logprob is not None and t.top_logprobs == () for c in chunks for t in c.tokens)
+
+
+def test_a_generation_ending_on_eos_has_log_probs_too(triton_server):
+    """Its final response carries no token (EOS is not output): the chunks still assemble."""
+    with Client(triton_server.grpc_url) as client:
+        completion = client.chat([{"role": "user", "content": "Hello!"}], max_tokens=60, top_log_probs=2)
+    assert completion.finish_reason == "stop" and completion.num_output_tokens < 60
+    assert len(completion.tokens) == completion.num_output_tokens
+    assert "".join(t.text for t in completion.tokens) == completion.text

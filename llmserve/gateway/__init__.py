@@ -1,5 +1,11 @@
-"""The public front end (OpenAI-, TGI- and WebSocket-compatible HTTP APIs, a chat page).
+"""The public front end: OpenAI-, TGI- and WebSocket-compatible APIs over Triton (docs/gateway.md).
 
-It reaches Triton only through `client.AsyncClient` over gRPC and holds no model state. Empty
-until the front-end issue fills it.
+It reaches Triton only through `client.AsyncClient` over gRPC and holds no model state.
+`python -m llmserve.gateway --triton-url HOST:PORT --port N` runs it; `create_app(settings)` builds
+the ASGI app.
 """
+
+from .app import create_app
+from .settings import GatewaySettings
+
+__all__ = ["GatewaySettings", "create_app"]

@@ -294,25 +294,102 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
     return sum(values)
 
 
+class GatewayServer(ServerProcess):
+    """The front end (`python -m llmserve.gateway`) on a free port, in front of a Triton gRPC URL; ready
+    when its /health answers 200, which it does only once the ensemble is ready."""
+
+    name = "gateway"
+    stop_timeout = 10.0
+
+    def __init__(self, triton_url: str, *, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 log_path: str | os.PathLike | None = None) -> None:
+        super().__init__(env=env, log_path=log_path)
+        self.triton_url = triton_url
+        self.host = host
+        self.port = port or free_port()
+        self.extra_args = list(extra_args or [])
+
+    def command(self) -> list[str]:
+        return gateway_command(self.triton_url, self.host, self.port, self.extra_args)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.url}/health"
+
+
+def gateway_command(triton_url: str, host: str, port: int, extra_args: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "llmserve.gateway", "--triton-url", triton_url, "--host", host,
+            "--port", str(port), *(extra_args or [])]
+
+
+def _stop_group(process: subprocess.Popen, timeout: float) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # and any model stub left behind
+    process.wait()
+
+
+def run_together(triton_cmd: list[str], env: dict[str, str], gateway_cmd: list[str]) -> int:
+    """tritonserver and the front end in the foreground, their output on this terminal; Ctrl-C (or
+    either one exiting) stops both. Returns the exit code of the one that ended first."""
+    triton = subprocess.Popen(exec_with_parent(triton_cmd), env=env, start_new_session=True)
+    gateway = subprocess.Popen(exec_with_parent(gateway_cmd), start_new_session=True)
+    code = 0
+    try:
+        while triton.poll() is None and gateway.poll() is None:
+            time.sleep(0.5)
+        ended = triton if triton.poll() is not None else gateway
+        code = ended.returncode
+        print(f"{'tritonserver' if ended is triton else 'the front end'} exited with code {code}: stopping",
+              file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_group(gateway, GatewayServer.stop_timeout)
+        _stop_group(triton, TritonServer.stop_timeout)
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run tritonserver on the model repository (foreground).")
+    parser = argparse.ArgumentParser(description="Run tritonserver on the model repository (foreground), and "
+                                                 "with --openai-port the front end beside it.")
     parser.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
     parser.add_argument("--model-dir", default=None, help="Hugging Face model folder (default: the built model)")
     parser.add_argument("--runtime", default=None, help="onnxruntime (default), torch or tensorrt")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--openai-port", type=int, default=None,
+                        help="also run the front end (OpenAI, TGI and WebSocket APIs, chat page) on this port")
+    parser.add_argument("--openai-host", default="0.0.0.0", help="the front end's address (default: all)")
     args = parser.parse_args(argv)
     install = find_tritonserver()
     cmd = server_command(install, Path(args.model_repository).resolve(), args.grpc_port, args.http_port,
                          args.metrics_port)
-    print(f"serving gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}",
+    print(f"serving gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}"
+          + (f"; the front end on http://localhost:{args.openai_port}" if args.openai_port else ""),
           file=sys.stderr, flush=True)
     # TensorRT runs on the GPU only: `make serve RUNTIME=tensorrt` needs no LLM_DEVICE=cuda beside it.
     extra = {"device": "cuda"} if args.runtime == "tensorrt" and "LLM_DEVICE" not in os.environ else {}
     env = server_env(model_env(args.model_dir, args.runtime, **extra))
     ensure_server_compiled_model(env)
-    os.execvpe(cmd[0], cmd, env)
+    if not args.openai_port:
+        os.execvpe(cmd[0], cmd, env)
+    model_name = Path(args.model_dir or DEFAULT_MODEL_DIR).name
+    gateway_cmd = gateway_command(f"localhost:{args.grpc_port}", args.openai_host, args.openai_port,
+                                  ["--served-model-name", model_name])
+    sys.exit(run_together(cmd, env, gateway_cmd))
 
 
 if __name__ == "__main__":
