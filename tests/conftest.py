@@ -110,44 +110,16 @@ def sentencepiece_tokenizer():
     return llama
 
 
-class GatewayProcess:
-    """`python -m llmserve.gateway` on a free port in front of a Triton gRPC URL (a subprocess, always
-    stopped): `.url` is its base URL, `.triton` the TritonServer behind it (None for a URL alone).
-    Ready when `ready_path` answers 200: /health (the ensemble is ready) by default."""
+def GatewayProcess(triton_url: str, triton=None, *, extra_args: list[str] | None = None,
+                   ready_path: str = "/health", log_path=None):
+    """The launcher's GatewayServer (`python -m llmserve.gateway` on a free port, always stopped) with
+    `.triton`, the TritonServer behind it (None for a URL alone); ready when `ready_path` answers 200."""
+    from llmserve.triton.launcher import GatewayServer
 
-    def __init__(self, triton_url: str, triton=None, *, extra_args: list[str] | None = None,
-                 ready_path: str = "/health", log_path=None) -> None:
-        from llmserve.triton.launcher import ServerProcess, free_port
-
-        self.triton = triton
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "llmserve.gateway", "--triton-url", triton_url, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--log-level", "warning", *(extra_args or [])]
-        health_url = self.url + ready_path
-
-        class _Process(ServerProcess):
-            name = "gateway"
-            stop_timeout = 10.0
-
-            def command(self) -> list[str]:
-                return command
-
-            @property
-            def health_url(self) -> str:
-                return health_url
-
-        self.process = _Process(log_path=log_path)
-
-    def log_tail(self) -> str:
-        return self.process.log_tail()
-
-    def __enter__(self) -> GatewayProcess:
-        self.process.start(timeout=60)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.stop()
+    server = GatewayServer(triton_url, extra_args=["--log-level", "warning", *(extra_args or [])],
+                           ready_path=ready_path, log_path=log_path)
+    server.triton = triton
+    return server
 
 
 @pytest.fixture(scope="session")

@@ -296,19 +296,20 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
 
 class GatewayServer(ServerProcess):
     """The front end (`python -m llmserve.gateway`) on a free port, in front of a Triton gRPC URL; ready
-    when its /health answers 200, which it does only once the ensemble is ready."""
+    when `ready_path` answers 200: /health does only once the ensemble is ready."""
 
     name = "gateway"
     stop_timeout = 10.0
 
     def __init__(self, triton_url: str, *, port: int | None = None, host: str = "127.0.0.1",
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 log_path: str | os.PathLike | None = None) -> None:
+                 extra_args: list[str] | None = None, ready_path: str = "/health",
+                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
         super().__init__(env=env, log_path=log_path)
         self.triton_url = triton_url
         self.host = host
         self.port = port or free_port()
         self.extra_args = list(extra_args or [])
+        self.ready_path = ready_path
 
     def command(self) -> list[str]:
         return gateway_command(self.triton_url, self.host, self.port, self.extra_args)
@@ -319,7 +320,7 @@ class GatewayServer(ServerProcess):
 
     @property
     def health_url(self) -> str:
-        return f"{self.url}/health"
+        return f"{self.url}{self.ready_path}"
 
 
 def gateway_command(triton_url: str, host: str, port: int, extra_args: list[str] | None = None) -> list[str]:
