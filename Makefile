@@ -9,6 +9,8 @@ RUNTIME ?=
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
+# The front end (OpenAI, TGI and WebSocket APIs, the chat page); empty = tritonserver alone.
+OPENAI_PORT ?= 9000
 PYTEST_ARGS ?=
 PRECISION ?=
 
@@ -17,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model engine serve test bench loadtest loadtest-goodput clean
+.PHONY: install model engine serve test browser bench loadtest loadtest-goodput clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,9 +40,14 @@ engine: install model
 
 serve: install model engine
 	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) $(if $(RUNTIME),--runtime $(RUNTIME)) \
-		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
+		$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT))
 
-test: install model
+# Debian's chromium and chromedriver for the chat page's browser test (as root with apt; else the test skips).
+browser:
+	sh tools/install_browser.sh
+
+test: install model browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 # Side-by-side streaming benchmark: writes build/bench/results.{json,md,png}. Not part of `make test`.

@@ -245,9 +245,10 @@
     if (!text.trim() || state.controller) return;
     showError("");
     const settings = readSettings();
+    const conversation = state.conversation; // New chat replaces it: a late answer stays out of the new one
     const messages = [];
     if (settings.system) messages.push({ role: "system", content: settings.system });
-    messages.push(...state.conversation, { role: "user", content: text });
+    messages.push(...conversation, { role: "user", content: text });
     const request = {
       messages,
       stream: true,
@@ -351,7 +352,8 @@
     if (!failure) {
       answer.classList.add(stopped ? "stopped" : "done");
       answer.dataset.state = stopped ? "stopped" : "done";
-      state.conversation.push({ role: "user", content: text }, { role: "assistant", content: received });
+      if (received) conversation.push({ role: "user", content: text }, { role: "assistant", content: received });
+      else userMessage.classList.add("failed"); // stopped before any text: not part of the conversation
     }
   }
 
