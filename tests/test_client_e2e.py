@@ -47,8 +47,8 @@ CUT_SHORT = LONG["max_tokens"] * 3 // 4
 SHORT_TIMEOUT = 0.1
 
 CONCURRENT_PROMPTS = [
-    "Once upon a time", "One day", "Tom had a dog", "The cat", "Lily liked to", "In the park",
-    "The sun was", "Max found a",
+    "Once upon a time", "Tom had a dog", "Lily liked to", "The sun was", "Max found a", "Mia liked to",
+    "The bird flew", "It was a rainy day",
 ]
 
 

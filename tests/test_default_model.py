@@ -88,7 +88,10 @@ def test_model_config_matches_tokenizer(model, tokenizer) -> None:
     assert cfg.model_type == "llama"
     assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
     assert cfg.vocab_size == len(tokenizer)
-    assert cfg.eos_token_id == tokenizer.eos_token_id
+    # Generation ends at <|endoftext|> (a story's end) and at <|im_end|> (a chat turn's end).
+    eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert cfg.eos_token_id == eos_ids
+    assert model.generation_config.eos_token_id == eos_ids
 
 
 def test_greedy_continuation_is_made_of_words(model, tokenizer) -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO_ROOT))
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 DEFAULT_OUT = REPO_ROOT / "docs" / "images" / "chat-page.png"
-QUESTIONS = ("Tell me a story about a little cat.", "What did the cat do next?")
+QUESTIONS = ("Hello!", "What is the capital of France?")
 
 
 @contextlib.contextmanager
