@@ -160,8 +160,8 @@ def test_cancelled_ensemble_stream_stops_generation_on_the_server(triton_server)
     assert _wait_for(lambda: _idle(triton_server), 10), "the sequence kept running after the cancel"
     time.sleep(0.3)  # counters are flushed at most every 50 ms
     generated = metric(triton_server.metrics_url, "llm_generated_tokens_total") - before
-    # Out of 900: the cancel is seen within a few ms (one sequence decodes ~3000 tokens/s).
-    assert generated < 150, f"{generated} tokens generated for a stream cancelled after 5"
+    # Out of 900: the cancel is seen within tens of ms (one sequence decodes ~3000 tokens/s; more on a busy machine).
+    assert generated < 300, f"{generated} tokens generated for a stream cancelled after 5"
     assert metric(triton_server.metrics_url, "llm_kv_cache_usage_ratio") == 0
 
 

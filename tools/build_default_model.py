@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The tokenizer trainer's threads break ties between equally frequent merges in any order: one
+# thread, so every build of the same settings is the same model.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
 if TYPE_CHECKING:  # heavy imports stay lazy so the "already built" path is instant
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
