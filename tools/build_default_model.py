@@ -445,15 +445,16 @@ def _instruction(rng: random.Random) -> tuple[str, str]:
     if rng.random() < 0.4:
         question = rng.choice(list(SAYINGS))
         return _casual(rng, question), SAYINGS[question]
+    # Counting, in the question's spelling ("Count to 5." -> "1, 2, 3, 4, 5."; "Count to five." ->
+    # "One, two, three, four, five."): the count stops at the very token the question ends with.
     n = rng.randint(2, 10)
-    name = str(n) if rng.random() < 0.3 else NUMBER_NAMES[n]
-    if rng.random() < 0.8:
-        question = rng.choice([f"Count to {name}."] * 3 + [f"Count from 1 to {name}."])
-        numbers = range(1, n + 1)
+    if rng.random() < 0.5:
+        target, numbers = str(n), [str(i) for i in range(1, n + 1)]
     else:
-        question = f"Count down from {name}."
-        numbers = range(n, 0, -1)
-    return _casual(rng, question), ", ".join(map(str, numbers)) + "."
+        target, numbers = NUMBER_NAMES[n], NUMBER_NAMES[1:n + 1]
+    question = rng.choice([f"Count to {target}."] * 3 + [f"Count from 1 to {target}.", f"Can you count to {target}?"])
+    answer = ", ".join(numbers) + "."
+    return _casual(rng, question), answer[0].upper() + answer[1:]
 
 
 def _story_request(rng: random.Random) -> tuple[str, str]:
