@@ -150,6 +150,22 @@ def exec_with_parent(cmd: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PARENT, str(os.getpid()), *cmd]
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGINT to the process's group (e.g. tritonserver and its model stubs), SIGKILL after `timeout`;
+    then SIGKILL to the group anyway: a model stub can outlive its tritonserver (one blocked in an IPC
+    to it never notices)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 class ServerProcess:
     """A server subprocess in its own process group, ready when its health URL answers 200;
     a context manager that always stops it (SIGINT to the group, then SIGKILL)."""
@@ -202,17 +218,8 @@ class ServerProcess:
         return self._log.read().decode("utf-8", "replace")[-chars:]
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)  # the whole group: e.g. tritonserver and its model stubs
-            try:
-                self.process.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
         if self.process is not None:
-            # A model stub can outlive its tritonserver (one blocked in an IPC to it never notices).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            stop_process_group(self.process, self.stop_timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -328,19 +335,6 @@ def gateway_command(triton_url: str, host: str, port: int, extra_args: list[str]
             "--port", str(port), *(extra_args or [])]
 
 
-def _stop_group(process: subprocess.Popen, timeout: float) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # and any model stub left behind
-    process.wait()
-
-
 def run_together(triton_cmd: list[str], env: dict[str, str], gateway_cmd: list[str]) -> int:
     """tritonserver and the front end in the foreground, their output on this terminal; Ctrl-C (or
     either one exiting) stops both. Returns the exit code of the one that ended first."""
@@ -357,8 +351,8 @@ def run_together(triton_cmd: list[str], env: dict[str, str], gateway_cmd: list[s
     except KeyboardInterrupt:
         pass
     finally:
-        _stop_group(gateway, GatewayServer.stop_timeout)
-        _stop_group(triton, TritonServer.stop_timeout)
+        stop_process_group(gateway, GatewayServer.stop_timeout)
+        stop_process_group(triton, TritonServer.stop_timeout)
     return code
 
 
