@@ -50,6 +50,14 @@ CONCURRENT_PROMPTS = [
     "Once upon a time", "Tom had a dog", "Lily liked to", "The sun was", "Max found a", "Mia liked to",
     "The bird flew", "It was a rainy day",
 ]
+# Each prompt gets its own exact length, so that their texts differ whatever the model writes
+# (two prompts can share a greedy continuation) and a stream carrying another's tokens shows.
+CONCURRENT_LENGTHS = {p: 17 + i for i, p in enumerate(CONCURRENT_PROMPTS)}
+
+
+def concurrent_params(prompt: str) -> dict:
+    n = CONCURRENT_LENGTHS[prompt]
+    return {"max_tokens": n, "min_tokens": n, **GREEDY}
 
 
 # --------------------------------------------------------------------------- server-side checks
@@ -354,7 +362,7 @@ def test_async_request_timeout_raises_quickly_and_frees_the_sequence(triton_serv
 def sequential_texts(triton_server) -> dict[str, str]:
     """Greedy completions of CONCURRENT_PROMPTS, one request at a time."""
     with Client(triton_server.grpc_url) as client:
-        texts = {p: client.generate(p, max_tokens=24, **GREEDY).text for p in CONCURRENT_PROMPTS}
+        texts = {p: client.generate(p, **concurrent_params(p)).text for p in CONCURRENT_PROMPTS}
     assert len(set(texts.values())) == len(texts), "the prompts must give distinct texts"
     return texts
 
@@ -365,7 +373,7 @@ def test_concurrent_streams_from_threads(triton_server, sequential_texts):
     with Client(triton_server.grpc_url) as client:
         def work(prompt: str) -> None:
             try:
-                results[prompt] = "".join(c.text for c in client.stream(prompt, max_tokens=24, **GREEDY))
+                results[prompt] = "".join(c.text for c in client.stream(prompt, **concurrent_params(prompt)))
             except BaseException as exc:  # reported below, in the test's thread
                 errors.append(exc)
 
@@ -380,7 +388,7 @@ def test_concurrent_streams_from_threads(triton_server, sequential_texts):
 
 def test_concurrent_streams_from_asyncio_tasks(triton_server, sequential_texts):
     async def one(aclient: AsyncClient, prompt: str) -> str:
-        return "".join([c.text async for c in aclient.stream(prompt, max_tokens=24, **GREEDY)])
+        return "".join([c.text async for c in aclient.stream(prompt, **concurrent_params(prompt))])
 
     async def run():
         async with AsyncClient(triton_server.grpc_url) as aclient:
@@ -397,7 +405,7 @@ def test_async_client_reuses_a_stream_for_the_next_request(triton_server, sequen
     prompt = CONCURRENT_PROMPTS[0]
 
     async def text(aclient: AsyncClient, prompt: str) -> str:
-        return (await aclient.generate(prompt, max_tokens=24, **GREEDY)).text
+        return (await aclient.generate(prompt, **concurrent_params(prompt))).text
 
     async def run():
         async with AsyncClient(triton_server.grpc_url) as aclient:
@@ -480,7 +488,7 @@ def test_sync_client_reuses_a_stream_for_the_next_request(triton_server, sequent
     prompt = CONCURRENT_PROMPTS[0]
 
     def text(client: Client, prompt: str) -> str:
-        return client.generate(prompt, max_tokens=24, **GREEDY).text
+        return client.generate(prompt, **concurrent_params(prompt)).text
 
     def idle_streams(client: Client) -> list:
         return [c.triton._stream for c in client._pool._idle if c.stream_is_open()]
