@@ -11,6 +11,15 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 # The front end (OpenAI, TGI and WebSocket APIs, the chat page); empty = tritonserver alone.
 OPENAI_PORT ?= 9000
+# With the front end, tritonserver listens on 127.0.0.1 only, its admin protocols behind a key written
+# to ADMIN_KEY_FILE (empty = build/run/triton-admin-key); OPEN_TRITON=1 leaves it open to all.
+OPEN_TRITON ?=
+ADMIN_KEY_FILE ?=
+# The front end's API key(s) and TLS; API_KEY reaches it as $$LLMSERVE_API_KEY, never on a command line.
+API_KEY ?=
+API_KEYS_FILE ?=
+SSL_CERTFILE ?=
+SSL_KEYFILE ?=
 PYTEST_ARGS ?=
 PRECISION ?=
 
@@ -19,7 +28,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model engine serve test browser bench loadtest loadtest-goodput clean
+.PHONY: install model engine serve test browser bench bench-priority loadtest loadtest-goodput clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,10 +47,18 @@ model: install
 engine: install model
 	$(PY) -m llmserve.export $(if $(RUNTIME),--runtime $(RUNTIME)) --model-dir $(MODEL_DIR) $(if $(PRECISION),--precision $(PRECISION))
 
+# The launcher's flags from the variables above, only those set.
+SERVE_FLAGS = $(if $(RUNTIME),--runtime $(RUNTIME)) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) \
+	--metrics-port $(METRICS_PORT) $(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT)) \
+	$(if $(OPEN_TRITON),--open-triton) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
+	$(if $(API_KEYS_FILE),--api-keys-file $(API_KEYS_FILE)) \
+	$(if $(SSL_CERTFILE),--ssl-certfile $(SSL_CERTFILE)) $(if $(SSL_KEYFILE),--ssl-keyfile $(SSL_KEYFILE))
+
+ifneq ($(API_KEY),)
+serve: export LLMSERVE_API_KEY := $(API_KEY)
+endif
 serve: install model engine
-	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) $(if $(RUNTIME),--runtime $(RUNTIME)) \
-		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
-		$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT))
+	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) $(strip $(SERVE_FLAGS))
 
 # Debian's chromium and chromedriver for the chat page's browser test (as root with apt; else the test skips).
 browser:
@@ -54,6 +71,11 @@ test: install model browser
 BENCH_ARGS ?=
 bench: install model
 	$(PY) -m bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+
+# High-priority TTFT under low-priority overload (docs/benchmarking.md#priority-scheduling): build/bench/priority.{json,md}.
+PRIORITY_BENCH_ARGS ?=
+bench-priority: install model
+	$(PY) -m bench.priority --model-dir $(MODEL_DIR) $(PRIORITY_BENCH_ARGS)
 
 # Locust over the gRPC stream, headless: writes build/loadtest/ (locust CSVs, report.html, summary.md).
 # Starts a server on free ports unless HOST=host:port names a running one (METRICS_URL: its metrics).

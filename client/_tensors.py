@@ -47,6 +47,7 @@ class GenerationParams(TypedDict, total=False):
     exclude_input_in_output: bool | None
     return_log_probs: bool | None  # fill each chunk's `tokens` (ids, texts, log probabilities)
     top_log_probs: int | None  # that many alternatives per token, 0..20 (implies return_log_probs)
+    priority: int | None  # scheduling: lower is served first (server default 0); may preempt higher numbers
     request_id: str | None  # default: a fresh uuid4 hex
 
 
@@ -54,7 +55,7 @@ DEFAULT_MAX_TOKENS = 128
 
 # Optional scalar inputs, by tensor dtype; parameter name == input name.
 _FLOAT_INPUTS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_INT32_INPUTS = ("top_k", "min_tokens", "end_id", "pad_id")
+_INT32_INPUTS = ("top_k", "min_tokens", "end_id", "pad_id", "priority")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ DTYPES = {"text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "tempe
           "top_p": "FP32", "top_k": "INT32", "repetition_penalty": "FP32", "presence_penalty": "FP32",
           "frequency_penalty": "FP32", "min_tokens": "INT32", "end_id": "INT32", "pad_id": "INT32",
           "seed": "UINT64", "stop_words": "BYTES", "bad_words": "BYTES", "exclude_input_in_output": "BOOL",
-          "stop": "BOOL", "sequence_id": "UINT64"}
+          "stop": "BOOL", "sequence_id": "UINT64", "priority": "INT32"}
 NUMPY = {"BYTES": np.object_, "INT32": np.int32, "BOOL": bool, "FP32": np.float32, "UINT64": np.uint64}
 
 
@@ -24,7 +24,8 @@ def make_inputs(**values) -> list[grpcclient.InferInput]:
         dtype = DTYPES[name]
         if isinstance(value, np.ndarray):
             array = value
-            dtype = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}.get(array.dtype, dtype)
+            dtype = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
+                     np.dtype(np.int64): "INT64"}.get(array.dtype, dtype)
         elif isinstance(value, list):
             array = np.array([[v.encode() if isinstance(v, str) else v for v in value]], dtype=NUMPY[dtype])
         else:

@@ -103,9 +103,10 @@ def browser():
 class ChatPage:
     """The page as a person uses it: settings, typing, Send / Enter, Stop, New chat."""
 
-    def __init__(self, driver, url: str) -> None:
+    def __init__(self, driver, url: str | None) -> None:
         self.driver = driver
-        driver.get(url)
+        if url is not None:  # None: the page the driver is on
+            driver.get(url)
         _wait(lambda: self.text("#model") != "loading model…", 10, what="the model name")
 
     def find(self, css: str):
@@ -279,3 +280,36 @@ def test_shift_enter_is_a_new_line_and_server_errors_are_shown(browser, gateway)
     assert "max_tokens" in page.text(".message.assistant .error-text")
     assert prompt.get_attribute("value") == "first line\nsecond line"  # given back to retry
     assert browser.execute_script("return window.chatPage.state.conversation.length") == 0
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(triton_server, gateway_process, tmp_path_factory):
+    log = tmp_path_factory.mktemp("gateway-page-key") / "gateway.log"
+    with gateway_process(triton_server.grpc_url, triton_server, log_path=log,
+                         extra_args=["--api-key", "sk-page-key-1"]) as server:
+        yield server
+
+
+def test_the_page_asks_for_the_api_key_once(browser, keyed_gateway):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(keyed_gateway.url)
+    WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).dismiss()  # no key: refused
+    _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#model").text == "model unavailable", 10,
+          what="the refusal shown")
+    browser.get(keyed_gateway.url)
+    alert = WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+    assert "API key" in alert.text
+    alert.send_keys("sk-page-key-1")
+    alert.accept()
+    page = ChatPage(browser, None)
+    assert page.text("#model") == "default"
+    page.settings(max_tokens=8, ignore_eos=True)
+    page.type("Hello")
+    page.find("#send").click()
+    assert page.wait_answered(1) == "done", page.text("#error")
+    assert page.find(".message.assistant").get_attribute("data-completion-tokens") == "8"
+    browser.refresh()  # the key is kept for the tab: no second question
+    _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#model").text == "default", 10, what="the model name")
+    browser.execute_script("sessionStorage.clear()")

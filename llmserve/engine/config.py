@@ -15,6 +15,7 @@ DEFAULT_RUNTIME = "onnxruntime"
 DEFAULT_MAX_NUM_SEQS = 64
 # Alternatives reported per generated token at most (OpenAI's own cap for top_logprobs).
 MAX_TOP_LOGPROBS = 20
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,6 +82,9 @@ class SamplingParams:
     bad_words: tuple[str, ...] = field(default_factory=tuple)
     logprobs: bool = False  # return_log_probs: each generated token's log probability
     top_logprobs: int = 0  # num_top_log_probs: that many most likely tokens per position (implies logprobs)
+    # Not a sampling field: the scheduler's, carried with the request's parameters. Lower is served
+    # first (the waiting queue's order; a running sequence of a higher number may be preempted for it).
+    priority: int = 0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_tokens, int) and self.max_tokens > 0,
@@ -103,6 +107,10 @@ class SamplingParams:
         _require(self.end_id is None or self.end_id >= 0, f"end_id must be >= 0, got {self.end_id}")
         _require(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
                  f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        _require(isinstance(self.priority, int) and not isinstance(self.priority, bool)
+                 and INT32_MIN <= self.priority <= INT32_MAX,
+                 f"priority must be an integer in [{INT32_MIN}, {INT32_MAX}] (INT32, lower is served first), "
+                 f"got {self.priority!r}")
         self.logprobs = bool(self.logprobs or self.top_logprobs)
         self.stop = tuple(s for s in self.stop if s)
         self.bad_words = tuple(s for s in self.bad_words if s)

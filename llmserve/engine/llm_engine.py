@@ -86,6 +86,7 @@ class EngineStats:
     prompt_tokens: int = 0
     prefix_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     generated_tokens: int = 0
+    preemptions: int = 0  # running sequences sent back to wait for a request of better priority
     finished: Counter = field(default_factory=Counter)  # by finish reason
 
 
@@ -102,6 +103,7 @@ class EngineSnapshot:
     prefix_cached_tokens: int
     generated_tokens: int
     finished: dict[str, int]
+    preemptions: int = 0
 
     @property
     def slot_usage(self) -> float:
@@ -230,7 +232,7 @@ class LLMEngine:
             num_running=self.num_running, num_waiting=self.num_waiting, num_slots=slots.num_slots,
             num_slots_used=slots.num_used, steps=stats.steps, prompt_tokens=stats.prompt_tokens,
             prefix_cached_tokens=stats.prefix_cached_tokens, generated_tokens=stats.generated_tokens,
-            finished=dict(stats.finished))
+            finished=dict(stats.finished), preemptions=stats.preemptions)
 
     # -- the step ----------------------------------------------------------------
 
@@ -239,6 +241,9 @@ class LLMEngine:
         """Run one step. With `emit`, each forward pass's outputs go out as soon as it is done (new
         requests' first tokens do not wait for the decode pass) and the step returns []."""
         batch = self.scheduler.schedule()
+        for _, slot in batch.preempted:  # as _finish does; before any copy or pass touches the slot
+            self.runner.release(slot)
+        self.stats.preemptions += len(batch.preempted)
         self.pacer.begin_step(len(self.scheduler.running), prefilling=bool(batch.prefill))
         for source, destination, length in batch.copies:
             self.runner.copy_prefix(source, destination, length)
@@ -266,9 +271,10 @@ class LLMEngine:
         tokens = self.sampler(logits, seqs)
         logprobs = token_logprobs(logits, tokens, seqs)
         for seq in seqs:
-            if seq.num_cached < seq.num_prompt_tokens:
-                self.stats.prefix_cached_tokens += seq.num_prefix_cached
-                self.scheduler.prompt_computed(seq)
+            if seq.num_cached < seq.num_prompt_tokens:  # its prompt's K/V was computed in this pass
+                if not seq.num_preemptions:  # a readmitted sequence's prompt was counted at its first
+                    self.stats.prefix_cached_tokens += seq.num_prefix_cached
+                self.scheduler.prompt_computed(seq)  # the prompt only, not the output it recomputed
             seq.num_cached = len(seq.ids)
         return tokens, logprobs
 

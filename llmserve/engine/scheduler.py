@@ -5,11 +5,18 @@ admitted at the next step while slots are free, their prompts prefilled within
 a token budget. Finished sequences leave at once and free their slot. With the
 prefix cache, an admitted prompt starts from a cached prefix's K/V: its slot's own,
 or a copy from another slot (`ScheduledBatch.copies`, done before the step's passes).
+
+Priority: the waiting queue is ordered by `SamplingParams.priority` (lower first), then arrival.
+When no slot is free and the best waiting request has a strictly better priority than the worst
+running sequence (highest priority number; ties: the latest arrival), that sequence is preempted:
+its slot goes to the waiting request, and it waits again with its tokens kept and nothing cached
+(`ScheduledBatch.preempted`: the engine releases their slots in the runner before the step runs).
+Readmitted, it prefills prompt + output so far and samples its next token; its stream only pauses.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from llmserve.engine.config import EngineConfig
@@ -25,6 +32,9 @@ class ScheduledBatch:
     decode: list[Sequence] = field(default_factory=list)
     # (source slot, destination slot, tokens): cached prefixes to copy before the step runs
     copies: list[tuple[int, int, int]] = field(default_factory=list)
+    # (sequence, the slot it left): running sequences sent back to wait, for the runner to release
+    # before the copies and the passes
+    preempted: list[tuple[Sequence, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
@@ -34,7 +44,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, slots: SlotAllocator) -> None:
         self.config = config
         self.slots = slots
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []  # ordered by Sequence.queue_key: priority, then arrival
         self.running: list[Sequence] = []  # kept in slot order: the runner attends over contiguous slices
         self.prefix_cache = PrefixCache(slots.num_slots) if config.enable_prefix_caching else None
 
@@ -51,24 +61,48 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check_queue()
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=_queue_key)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(decode=list(self.running))
         budget = self.config.max_num_batched_tokens
-        while self.waiting and self.slots.num_free:
-            prompt_tokens = self.waiting[0].num_prompt_tokens
-            if batch.prefill and prompt_tokens > budget:
+        while self.waiting:
+            head = self.waiting[0]
+            # Tokens to compute: the prompt, or after a preemption prompt + output (before any cache hit).
+            if batch.prefill and head.num_uncached > budget:
                 break  # the first always goes, however long, so no prompt starves
-            seq = self.waiting.popleft()
+            if not self.slots.num_free and not self._preempt_for(head, batch):
+                break
+            seq = self.waiting.pop(0)
             self._allocate(seq, batch)
             seq.status = SequenceStatus.RUNNING
-            budget -= prompt_tokens - seq.num_cached
+            budget -= seq.num_uncached
             batch.prefill.append(seq)
         if batch.prefill:
             self.running.extend(batch.prefill)
             self.running.sort(key=lambda s: s.slot)
         return batch
+
+    def _preempt_for(self, head: Sequence, batch: ScheduledBatch) -> bool:
+        """Free a slot for `head` by preempting the worst running sequence, if `head`'s priority is
+        strictly better; whether it did. Sequences admitted this step are not candidates (they are
+        not in `running` yet, and none is worse than the queue's head)."""
+        if not self.running:
+            return False
+        victim = max(self.running, key=_queue_key)
+        if head.params.priority >= victim.params.priority:
+            return False
+        slot = victim.slot
+        self.running.remove(victim)
+        batch.decode.remove(victim)
+        self.slots.free(slot)
+        victim.slot = None
+        victim.status = SequenceStatus.WAITING
+        victim.num_cached = 0  # its K/V is computed again (perhaps from a cached prefix of its prompt)
+        victim.num_preemptions += 1
+        bisect.insort(self.waiting, victim, key=_queue_key)
+        batch.preempted.append((victim, slot))
+        return True
 
     def _allocate(self, seq: Sequence, batch: ScheduledBatch) -> None:
         cache = self.prefix_cache
@@ -85,7 +119,9 @@ class Scheduler:
             if hit is not None:
                 batch.copies.append((hit.slot, seq.slot, hit.length))
         if hit is not None:
-            seq.num_cached = seq.num_prefix_cached = hit.length
+            seq.num_cached = hit.length
+            if not seq.num_preemptions:  # counted once, at its first admission
+                seq.num_prefix_cached = hit.length
 
     def prompt_computed(self, seq: Sequence) -> None:
         """The sequence's prompt K/V is now in its slot: index it for later prompts."""
@@ -101,3 +137,7 @@ class Scheduler:
             self.slots.free(seq.slot)
             seq.slot = None
         seq.status = SequenceStatus.FINISHED
+
+
+def _queue_key(seq: Sequence) -> tuple[int, int]:
+    return seq.queue_key

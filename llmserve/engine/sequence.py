@@ -30,7 +30,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
                  "num_prefix_cached", "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng",
                  "token_counts", "seen_mask", "detokenizer", "output", "arrival_time", "logprobs", "top_logprobs",
-                 "cum_logprob")
+                 "cum_logprob", "num_preemptions")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
                  stop_ids: frozenset[int], bad_word_ids: list[list[int]],
@@ -59,6 +59,9 @@ class Sequence:
         self.logprobs: list[float] | None = [] if params.logprobs else None
         self.top_logprobs: list[tuple[list[int], list[float]]] | None = [] if params.logprobs else None
         self.cum_logprob = 0.0
+        # Times it lost its slot to a request of better priority: it then waits again, keeping its
+        # tokens, and its K/V (prompt + output so far) is computed again when it is readmitted.
+        self.num_preemptions = 0
 
     @property
     def num_output_tokens(self) -> int:
@@ -70,8 +73,20 @@ class Sequence:
 
     @property
     def pending_ids(self) -> list[int]:
-        """Tokens to feed the model this step: the prompt (or its uncached rest), then the last token."""
+        """Tokens to feed the model this step: the prompt (or its uncached rest; after a preemption,
+        prompt + output so far), then the last token."""
         return self.ids[self.num_cached:]
+
+    @property
+    def num_uncached(self) -> int:
+        """Tokens whose K/V the next step computes."""
+        return len(self.ids) - self.num_cached
+
+    @property
+    def queue_key(self) -> tuple[int, int]:
+        """The waiting queue's order: priority (lower first), then arrival (seq_id, which a preempted
+        sequence keeps: it goes back ahead of later arrivals of its priority)."""
+        return self.params.priority, self.seq_id
 
     def append(self, token: int, logprobs: TokenLogprobs | None = None) -> None:
         self.ids.append(token)

@@ -1,7 +1,8 @@
 """create_app(settings): the gateway's ASGI app.
 
 One `client.AsyncClient` per app, made in the lifespan and closed at shutdown; the routes reach
-Triton only through it. The page in static/ is served at /.
+Triton only through it. The page in static/ is served at /. With keys (settings.api_key or
+api_keys_file) AccessMiddleware is the outermost layer: nothing is read from an unknown caller.
 """
 
 from __future__ import annotations
@@ -17,16 +18,30 @@ from starlette.responses import Response
 from client import AsyncClient
 
 from . import routes_openai, routes_tgi, routes_ws
+from .access import AccessMiddleware
 from .errors import install_exception_handlers
 from .generation import ClientDisconnected
+from .keys import KeyStore
 from .middleware import BodyLimitMiddleware, JsonBodyMiddleware
+from .ratelimit import RateLimiter
 from .settings import GatewaySettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+def key_store(settings: GatewaySettings) -> KeyStore | None:
+    """The keys the settings name (KeysFileError for a key file that cannot be used), or None: open."""
+    if settings.api_keys_file is not None:
+        return KeyStore.from_file(settings.api_keys_file)
+    if settings.api_key is not None:
+        return KeyStore.single(settings.api_key)
+    return None
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    keys = key_store(settings)
+    limiter = RateLimiter()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,6 +55,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(title="llmserve gateway", summary="OpenAI-, TGI- and WebSocket-compatible front end on Triton",
                   lifespan=lifespan)
     app.state.settings = settings
+    app.state.keys = keys
+    app.state.limiter = limiter
     app.state.started_at = int(time.time())
     install_exception_handlers(app)
 
@@ -48,7 +65,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_exception_handler(ClientDisconnected, on_disconnect)
     app.add_middleware(JsonBodyMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)  # outermost
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       idle_timeout=settings.stream_idle_timeout)
+    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter)  # outermost
     app.include_router(routes_openai.router)
     app.include_router(routes_tgi.router)
     app.include_router(routes_ws.router)

@@ -120,7 +120,8 @@ def from_client_error(exc: BaseException, param_names: Mapping[str, str] | None 
         # The gateway checked `model` itself: Triton lacking its model is the server's state, not the caller's.
         return GatewayError(503, f"The inference server's model is not available: {message}", code="model_not_ready")
     if isinstance(exc, client_errors.RequestTimeoutError):
-        return GatewayError(504, f"The generation timed out: {message}", code="timeout")
+        return GatewayError(504, f"The generation went past this server's deadline (request_timeout): {message}",
+                            code="timeout")
     if isinstance(exc, client_errors.GenerationCancelledError):
         return GatewayError(503, f"The generation was cancelled by the server: {message}", code="cancelled")
     if isinstance(exc, client_errors.ClientError):

@@ -21,7 +21,8 @@ from starlette.requests import Request
 from client import AsyncClient, StreamChunk
 from client.errors import BadRequestError, ClientError
 
-from .errors import cancelled_by_server, from_client_error
+from .access import current_admission
+from .errors import cancelled_by_server, from_client_error, invalid_parameter
 from .translate import EngineRequest
 
 T = TypeVar("T")
@@ -50,18 +51,34 @@ def _room_left(exc: ClientError) -> int | None:
     return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
+def _check_prompt_tokens(req: EngineRequest, chunk: StreamChunk) -> None:
+    cap = req.max_prompt_tokens
+    if cap is not None and chunk.num_input_tokens > cap:
+        raise invalid_parameter(f"The prompt has {chunk.num_input_tokens} tokens, more than this server's limit of "
+                                f"{cap} (max_prompt_tokens)", req.param_names.get("prompt", "prompt"))
+
+
 async def stream_choice(client: AsyncClient, req: EngineRequest, index: int,
                         request_id: str) -> AsyncIterator[StreamChunk]:
     """Choice `index`'s chunks. A defaulted max_tokens that does not fit the context is lowered once
-    to what fits (the room the server's error names); errors are raised as GatewayError."""
+    to what fits (the room the server's error names); errors are raised as GatewayError. The tokens
+    are charged to the caller's API key as they come (the prompt once, with choice 0)."""
+    admission = current_admission.get()
     max_tokens: int | None = None
     while True:
         started = False
+        charged = 0
         stream = open_stream(client, req, req.choice_params(index, max_tokens), f"{request_id}-{index}")
         try:
             async with aclosing(stream) as chunks:
                 async for chunk in chunks:
+                    if not started:
+                        _check_prompt_tokens(req, chunk)
                     started = True
+                    if admission is not None:
+                        total = chunk.num_output_tokens + (chunk.num_input_tokens if index == 0 else 0)
+                        admission.charge(total - charged)
+                        charged = total
                     if chunk.finish_reason == "cancelled":  # not by this caller, who is still listening
                         raise cancelled_by_server()
                     yield chunk

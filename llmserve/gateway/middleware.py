@@ -1,20 +1,29 @@
 """Request bodies. BodyLimitMiddleware refuses one over `max_body_bytes` with a 400 naming the limit,
-whether its Content-Length says so or the body streamed in turns out longer. JsonBodyMiddleware
+whether its Content-Length says so or the body streamed in turns out longer, and one that stalls
+(nothing for `idle_timeout` seconds: a slowloris upload) with a 408. JsonBodyMiddleware
 reads every POST body as JSON, whatever its Content-Type."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response, invalid_parameter
+from .errors import GatewayError, error_response, invalid_parameter
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, idle_timeout: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.idle_timeout = idle_timeout
+
+    def _stalled(self, scope: Scope):
+        return error_response(scope.get("path", ""), GatewayError(
+            408, f"The request body stalled: nothing arrived for {self.idle_timeout:g} s (stream_idle_timeout)",
+            code="request_timeout"))
 
     def _too_large(self, scope: Scope):
         error = invalid_parameter(f"The request body is larger than the limit of {self.max_body_bytes} bytes "
@@ -39,7 +48,12 @@ class BodyLimitMiddleware:
         parts: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    message = await receive()
+            except TimeoutError:
+                await self._stalled(scope)(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             body = message.get("body", b"")

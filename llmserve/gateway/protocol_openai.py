@@ -74,6 +74,7 @@ class SamplingRequest(_Body):
     min_tokens: int | None = None
     ignore_eos: bool = False  # generate max_tokens tokens: min_tokens = max_tokens
     repetition_penalty: float | None = None
+    priority: int | None = None  # vLLM's: lower is served first; default: the API key's (else 0)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -5,6 +5,11 @@ generation at once), one generates. A stopped generation ends with ``{"type": "d
 "finish_reason": "cancelled", "usage": ...}`` (the tokens generated until then); a stop with nothing
 running is ignored. An error is ``{"type": "error", "error": {...}}`` and the socket stays open.
 Closing the socket stops the current generation on the server.
+
+With API keys the socket is authenticated once, at connect (the `Authorization` header or a `token`
+query parameter), and each generation is admitted against the key's limits (a refusal is an error
+message; the socket stays open). A socket without a request for `stream_idle_timeout` seconds, or
+whose client stops reading that long, is closed.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ from pydantic import BaseModel, ValidationError
 
 from client import AsyncClient
 
+from .access import authenticate_websocket, current_admission, rate_limited, retry_after
 from .errors import GatewayError, from_client_error, invalid_parameter, validation_error
 from .generation import stream_choice
+from .keys import Principal
 from .openai_common import openai_finish, usage
 from .protocol_ws import DoneMessage, ErrorMessage, TokenMessage, WsRequest
+from .ratelimit import Admission, RateLimited, RateLimiter
 from .settings import GatewaySettings
-from .state import client_of, settings_of
+from .state import client_of, keys_of, limiter_of, settings_of
 from .translate import EngineRequest, ws_request
 
 log = logging.getLogger("llmserve.gateway")
@@ -47,10 +55,13 @@ class _Progress:
 
 
 class _Session:
-    def __init__(self, websocket: WebSocket, client: AsyncClient, settings: GatewaySettings) -> None:
+    def __init__(self, websocket: WebSocket, client: AsyncClient, settings: GatewaySettings,
+                 principal: Principal | None, limiter: RateLimiter) -> None:
         self.websocket = websocket
         self.client = client
         self.settings = settings
+        self.principal = principal
+        self.limiter = limiter
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.current: asyncio.Task | None = None
         self.stopped = False
@@ -59,9 +70,14 @@ class _Session:
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
+        idle = self.settings.stream_idle_timeout
         try:
             while True:
-                message = await self.queue.get()
+                try:
+                    message = await asyncio.wait_for(self.queue.get(), idle)
+                except TimeoutError:
+                    await self._close_idle(f"no request for {idle:g} s (stream_idle_timeout)")
+                    return
                 if message is _CLOSED or self.closed:
                     return
                 await self._serve(message)
@@ -74,10 +90,17 @@ class _Session:
         if self.closed:
             return
         try:
-            async with self._send_lock:
+            async with self._send_lock, asyncio.timeout(self.settings.stream_idle_timeout):
                 await self.websocket.send_text(message.model_dump_json())
-        except Exception:  # noqa: BLE001 (the client went away)
+        except Exception:  # noqa: BLE001 (the client went away, or stopped reading)
             self._closed()
+
+    async def _close_idle(self, reason: str) -> None:
+        self._closed()
+        try:
+            await self.websocket.close(code=1000, reason=reason)
+        except Exception:  # noqa: BLE001 (already gone)
+            pass
 
     def _closed(self) -> None:
         if not self.closed:
@@ -121,27 +144,36 @@ class _Session:
         try:
             if not isinstance(data, dict):
                 raise invalid_parameter("A request must be a JSON object", None)
-            req = ws_request(WsRequest.model_validate(data), self.settings)
+            req = ws_request(WsRequest.model_validate(data), self.settings, self.principal)
+            admission = self.limiter.admit(self.principal) if self.principal is not None else None
         except ValidationError as exc:
             await self.send_error(validation_error(list(exc.errors())))
             return
         except GatewayError as exc:
             await self.send_error(exc)
             return
+        except RateLimited as exc:
+            error = rate_limited(exc)
+            await self.send(ErrorMessage(error={**error.openai_body()["error"],
+                                                "retry_after": int(retry_after(exc.retry_after))}))
+            return
         progress = _Progress()
         self.stopped = False
-        self.current = task = asyncio.create_task(self._generate(req, progress))
+        self.current = task = asyncio.create_task(self._generate(req, progress, admission))
         try:
             await asyncio.wait({task})
         finally:
             self.current = None
+            if admission is not None:
+                admission.release()
         if task.cancelled():
             if self.stopped and not self.closed and not progress.done_sent:
                 await self.send(DoneMessage(finish_reason="cancelled", usage=progress.usage()))
         elif (exc := task.exception()) is not None:
             await self.send_error(from_client_error(exc))
 
-    async def _generate(self, req: EngineRequest, progress: _Progress) -> None:
+    async def _generate(self, req: EngineRequest, progress: _Progress, admission: Admission | None) -> None:
+        current_admission.set(admission)  # this task's own context: stream_choice charges its tokens
         async with aclosing(stream_choice(self.client, req, 0, f"ws-{uuid.uuid4().hex}")) as chunks:
             async for chunk in chunks:
                 progress.prompt_tokens = chunk.num_input_tokens
@@ -158,5 +190,8 @@ class _Session:
 
 @router.websocket("/v1/ws")
 async def websocket_route(websocket: WebSocket) -> None:
+    principal = await authenticate_websocket(websocket, keys_of(websocket))
+    if principal is False:
+        return
     await websocket.accept()
-    await _Session(websocket, client_of(websocket), settings_of(websocket)).run()
+    await _Session(websocket, client_of(websocket), settings_of(websocket), principal, limiter_of(websocket)).run()

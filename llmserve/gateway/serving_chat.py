@@ -27,19 +27,20 @@ from .protocol_openai import (
 )
 from .settings import GatewaySettings
 from .sse import sse_response
+from .state import principal_of
 from .translate import EngineRequest, chat_request
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest, client: AsyncClient,
                                  settings: GatewaySettings) -> Response:
-    req = chat_request(body, settings)
+    req = chat_request(body, settings, principal_of(request))
     meta = new_meta("chatcmpl", settings)
     if body.stream:
         events = await primed(request, stream_choices(client, req, meta.id))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and body.stream_options.continuous_usage_stats
         return sse_response(_chunks(events, req, meta, include_usage, continuous), lambda error: error.openai_body(),
-                            done_marker=True)
+                            done_marker=True, send_timeout=settings.stream_idle_timeout)
     results = await unless_disconnected(request, collect(client, req, meta.id))
     return JSONResponse(_response(results, req, meta).model_dump(mode="json"))
 

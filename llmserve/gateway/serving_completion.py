@@ -17,12 +17,13 @@ from .openai_common import ResponseMeta, new_meta, openai_finish, usage
 from .protocol_openai import CompletionChoice, CompletionRequest, CompletionResponse
 from .settings import GatewaySettings
 from .sse import sse_response
+from .state import principal_of
 from .translate import EngineRequest, completion_request
 
 
 async def create_completion(request: Request, body: CompletionRequest, client: AsyncClient,
                             settings: GatewaySettings) -> Response:
-    req = completion_request(body, settings)
+    req = completion_request(body, settings, principal_of(request))
     meta = new_meta("cmpl", settings)
     echo = body.prompt if body.echo else ""
     if body.stream:
@@ -30,7 +31,8 @@ async def create_completion(request: Request, body: CompletionRequest, client: A
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and body.stream_options.continuous_usage_stats
         return sse_response(_chunks(events, req, meta, echo, include_usage, continuous),
-                            lambda error: error.openai_body(), done_marker=True)
+                            lambda error: error.openai_body(), done_marker=True,
+                            send_timeout=settings.stream_idle_timeout)
     results = await unless_disconnected(request, collect(client, req, meta.id))
     return JSONResponse(_response(results, req, meta, echo).model_dump(mode="json"))
 

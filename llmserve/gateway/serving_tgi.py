@@ -24,6 +24,7 @@ from .logprobs import tgi_token, tgi_top_tokens
 from .protocol_tgi import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 from .settings import GatewaySettings
 from .sse import sse_response
+from .state import principal_of
 from .translate import EngineRequest, tgi_request
 
 
@@ -39,7 +40,7 @@ def _prefix(body: GenerateRequest) -> str:
 
 async def generate(request: Request, body: GenerateRequest, client: AsyncClient,
                    settings: GatewaySettings) -> GenerateResponse:
-    req = tgi_request(body, settings, stream=False)
+    req = tgi_request(body, settings, stream=False, principal=principal_of(request))
     result = (await unless_disconnected(request, collect(client, req, f"tgi-{uuid.uuid4().hex}")))[0]
     details = None
     if body.parameters.details:
@@ -52,9 +53,10 @@ async def generate(request: Request, body: GenerateRequest, client: AsyncClient,
 
 async def generate_stream(request: Request, body: GenerateRequest, client: AsyncClient,
                           settings: GatewaySettings) -> EventSourceResponse:
-    req = tgi_request(body, settings, stream=True)
+    req = tgi_request(body, settings, stream=True, principal=principal_of(request))
     events = await primed(request, stream_choices(client, req, f"tgi-{uuid.uuid4().hex}"))
-    return sse_response(_events(events, req, body), lambda error: error.tgi_body(), done_marker=False)
+    return sse_response(_events(events, req, body), lambda error: error.tgi_body(), done_marker=False,
+                        send_timeout=settings.stream_idle_timeout)
 
 
 async def _events(events: AsyncIterator, req: EngineRequest, body: GenerateRequest) -> AsyncIterator[str]:

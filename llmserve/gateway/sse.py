@@ -20,9 +20,10 @@ DONE = "[DONE]"
 
 
 def sse_response(events: AsyncIterator[str], error_body: Callable[[GatewayError], dict[str, Any]], *,
-                 done_marker: bool) -> EventSourceResponse:
+                 done_marker: bool, send_timeout: float) -> EventSourceResponse:
     """Stream `events` (JSON texts) as SSE. An error while streaming becomes one last event with
-    `error_body(error)`; then `data: [DONE]` when `done_marker`."""
+    `error_body(error)`; then `data: [DONE]` when `done_marker`. A client that stops reading for
+    `send_timeout` seconds is dropped (its generations stopped), as one that disconnected."""
 
     async def body() -> AsyncIterator[dict[str, str]]:
         try:
@@ -37,4 +38,4 @@ def sse_response(events: AsyncIterator[str], error_body: Callable[[GatewayError]
         if done_marker:
             yield {"data": DONE}
 
-    return EventSourceResponse(body(), sep="\n")
+    return EventSourceResponse(body(), sep="\n", send_timeout=send_timeout)

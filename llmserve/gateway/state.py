@@ -1,4 +1,5 @@
-"""What the routes share, kept on `app.state`: the settings and the one AsyncClient (made in the lifespan)."""
+"""What the routes share, kept on `app.state`: the settings and the one AsyncClient (made in the
+lifespan); and the caller's API key principal, on the request's state."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from starlette.requests import HTTPConnection
 
 from client import AsyncClient
 
+from .keys import KeyStore, Principal
+from .ratelimit import RateLimiter
 from .settings import GatewaySettings
 
 
@@ -19,3 +22,16 @@ def client_of(connection: HTTPConnection) -> AsyncClient:
 
 def started_at(connection: HTTPConnection) -> int:
     return connection.app.state.started_at
+
+
+def principal_of(connection: HTTPConnection) -> Principal | None:
+    """The API key's principal AccessMiddleware set (None: the server has no keys)."""
+    return getattr(connection.state, "principal", None)
+
+
+def keys_of(connection: HTTPConnection) -> KeyStore | None:
+    return connection.app.state.keys
+
+
+def limiter_of(connection: HTTPConnection) -> RateLimiter:
+    return connection.app.state.limiter

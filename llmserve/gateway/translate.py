@@ -10,6 +10,10 @@ Rules (docs/gateway.md):
 - n choices: n engine requests; with a seed, choice i uses seed + i.
 - logprobs: completions' `logprobs: k` and chat's `logprobs: true, top_logprobs: k` ask the server for
   return_log_probs and top_log_probs=k; TGI streams always ask for the tokens (their ids).
+- caps (settings): max_tokens above `max_tokens_limit`, more than `max_stop_sequences` stop strings or
+  one longer than `max_stop_length` are refused, naming the cap; a default max_tokens is lowered to it.
+- priority (lower is served first): the request's, else its key's; a request may not ask for a better
+  priority than its key's.
 - TGI: do_sample false and no temperature/top_p/top_k is greedy (temperature 0); sampling without a
   seed gets a random one, reported in details.seed.
 """
@@ -21,7 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmserve.engine.config import INT32_MAX, INT32_MIN
+
 from .errors import GatewayError, invalid_parameter, model_not_found
+from .keys import Principal
 from .protocol_openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 from .protocol_tgi import GenerateRequest
 from .protocol_ws import WsRequest
@@ -42,6 +49,7 @@ class EngineRequest:
     top_logprobs: int = 0  # alternatives per token in the response
     # engine parameter -> the request's field name, so that errors name what the caller sent
     param_names: Mapping[str, str] = field(default_factory=dict)
+    max_prompt_tokens: int | None = None  # the server's cap (settings), checked on the first response
 
     @property
     def max_tokens(self) -> int:
@@ -85,19 +93,50 @@ def _check_top(value: int, param: str, settings: GatewaySettings) -> int:
     return value
 
 
-def _max_tokens(requested: int | None, param: str, default: int) -> tuple[int, bool]:
+def _max_tokens(requested: int | None, param: str, default: int, settings: GatewaySettings) -> tuple[int, bool]:
+    limit = settings.max_tokens_limit
     if requested is None:
-        return default, True
+        return min(default, limit), True
     if requested < 1:
         raise invalid_parameter(f"{param} must be at least 1, got {requested}", param)
+    if requested > limit:
+        raise invalid_parameter(f"{param} must be at most {limit} on this server (max_tokens_limit), got {requested}",
+                                param)
     return requested, False
 
 
-def _sampling(req: SamplingRequest, default_max_tokens: int) -> tuple[dict[str, Any], bool, dict[str, str]]:
+def _check_stop(stop: list[str] | None, param: str, settings: GatewaySettings) -> list[str] | None:
+    if not stop:
+        return None
+    if len(stop) > settings.max_stop_sequences:
+        raise invalid_parameter(f"{param} may have at most {settings.max_stop_sequences} strings on this server "
+                                f"(max_stop_sequences), got {len(stop)}", param)
+    for text in stop:
+        if len(text) > settings.max_stop_length:
+            raise invalid_parameter(f"each {param} string may have at most {settings.max_stop_length} characters on "
+                                    f"this server (max_stop_length), got one of {len(text)}", param)
+    return list(stop)
+
+
+def _priority(requested: int | None, principal: Principal | None) -> int | None:
+    """The engine priority to send (None: the engine's default, 0)."""
+    floor = principal.priority if principal is not None else None
+    if requested is None:
+        return floor or None
+    if not INT32_MIN <= requested <= INT32_MAX:
+        raise invalid_parameter(f"priority must be a 32-bit integer, got {requested}", "priority")
+    if floor is not None and requested < floor:
+        raise invalid_parameter(f"priority {requested} is more urgent than this API key allows: its priority is "
+                                f"{floor} (lower is served first)", "priority")
+    return requested
+
+
+def _sampling(req: SamplingRequest, default_max_tokens: int, settings: GatewaySettings,
+              principal: Principal | None) -> tuple[dict[str, Any], bool, dict[str, str]]:
     """The sampling fields shared by the OpenAI requests and the WebSocket's."""
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens, defaulted = _max_tokens(requested, max_param, default_max_tokens)
+    max_tokens, defaulted = _max_tokens(requested, max_param, default_max_tokens, settings)
     params: dict[str, Any] = {"max_tokens": max_tokens}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                  "min_tokens"):
@@ -110,8 +149,10 @@ def _sampling(req: SamplingRequest, default_max_tokens: int) -> tuple[dict[str, 
         params["seed"] = req.seed % 2**64
     if req.top_k is not None:
         params["top_k"] = 0 if req.top_k == -1 else req.top_k
-    if req.stop:
-        params["stop"] = list(req.stop)
+    if stop := _check_stop(req.stop, "stop", settings):
+        params["stop"] = stop
+    if (priority := _priority(req.priority, principal)) is not None:
+        params["priority"] = priority
     if req.ignore_eos:
         params["min_tokens"] = max_tokens
     names = {"max_tokens": max_param}
@@ -124,43 +165,45 @@ def _messages(messages: list[ChatMessage]) -> tuple[dict[str, str], ...]:
     return tuple({"role": m.role, "content": m.content} for m in messages)
 
 
-def completion_request(req: CompletionRequest, settings: GatewaySettings) -> EngineRequest:
+def completion_request(req: CompletionRequest, settings: GatewaySettings,
+                       principal: Principal | None = None) -> EngineRequest:
     check_model(req.model, settings)
     n = _check_n(req.n, settings)
     if req.suffix:
         raise invalid_parameter("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of > n:
         raise invalid_parameter(f"best_of > n is not supported (best_of={req.best_of}, n={n})", "best_of")
-    params, defaulted, names = _sampling(req, settings.default_max_tokens_completion)
+    params, defaulted, names = _sampling(req, settings.default_max_tokens_completion, settings, principal)
     logprobs = req.logprobs is not None
     top = _check_top(req.logprobs, "logprobs", settings) if logprobs else 0
     if logprobs:
         params.update(return_log_probs=True, top_log_probs=top)
     names.update(prompt="prompt", messages="prompt", top_logprobs="logprobs", logprobs="logprobs")
-    return EngineRequest(prompt=req.prompt, messages=None, params=params, n=n, max_tokens_defaulted=defaulted,
+    return EngineRequest(max_prompt_tokens=settings.max_prompt_tokens, prompt=req.prompt, messages=None, params=params, n=n, max_tokens_defaulted=defaulted,
                          ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, param_names=names)
 
 
-def chat_request(req: ChatCompletionRequest, settings: GatewaySettings) -> EngineRequest:
+def chat_request(req: ChatCompletionRequest, settings: GatewaySettings,
+                 principal: Principal | None = None) -> EngineRequest:
     check_model(req.model, settings)
     n = _check_n(req.n, settings)
-    params, defaulted, names = _sampling(req, settings.default_max_tokens_chat)
+    params, defaulted, names = _sampling(req, settings.default_max_tokens_chat, settings, principal)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid_parameter("top_logprobs requires logprobs to be true", "top_logprobs")
     top = _check_top(req.top_logprobs or 0, "top_logprobs", settings)
     if req.logprobs:
         params.update(return_log_probs=True, top_log_probs=top)
     names.update(prompt="messages", messages="messages", top_logprobs="top_logprobs", logprobs="logprobs")
-    return EngineRequest(prompt=None, messages=_messages(req.messages), params=params, n=n,
+    return EngineRequest(max_prompt_tokens=settings.max_prompt_tokens, prompt=None, messages=_messages(req.messages), params=params, n=n,
                          max_tokens_defaulted=defaulted, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
                          top_logprobs=top, param_names=names)
 
 
-def ws_request(req: WsRequest, settings: GatewaySettings) -> EngineRequest:
+def ws_request(req: WsRequest, settings: GatewaySettings, principal: Principal | None = None) -> EngineRequest:
     check_model(req.model, settings)
-    params, defaulted, names = _sampling(req, settings.default_max_tokens_chat)
+    params, defaulted, names = _sampling(req, settings.default_max_tokens_chat, settings, principal)
     names.update(prompt="prompt" if req.prompt is not None else "messages", messages="messages")
-    return EngineRequest(prompt=req.prompt, messages=_messages(req.messages) if req.messages else None,
+    return EngineRequest(max_prompt_tokens=settings.max_prompt_tokens, prompt=req.prompt, messages=_messages(req.messages) if req.messages else None,
                          params=params, max_tokens_defaulted=defaulted, ignore_eos=req.ignore_eos, param_names=names)
 
 
@@ -168,7 +211,8 @@ def _tgi_unsupported(message: str) -> GatewayError:
     return GatewayError(400, message, code="not_supported")
 
 
-def tgi_request(req: GenerateRequest, settings: GatewaySettings, *, stream: bool) -> EngineRequest:
+def tgi_request(req: GenerateRequest, settings: GatewaySettings, *, stream: bool,
+                principal: Principal | None = None) -> EngineRequest:
     p = req.parameters
     if p.truncate is not None:
         raise _tgi_unsupported("truncate is not supported: send a prompt that fits the context")
@@ -180,7 +224,8 @@ def tgi_request(req: GenerateRequest, settings: GatewaySettings, *, stream: bool
         raise _tgi_unsupported("grammar is not supported")
     if p.adapter_id:
         raise _tgi_unsupported("adapter_id is not supported")
-    max_tokens, defaulted = _max_tokens(p.max_new_tokens, "max_new_tokens", settings.default_max_new_tokens_tgi)
+    max_tokens, defaulted = _max_tokens(p.max_new_tokens, "max_new_tokens", settings.default_max_new_tokens_tgi,
+                                        settings)
     params: dict[str, Any] = {"max_tokens": max_tokens}
     sampling = p.do_sample or (p.temperature not in (None, 1.0)) or (p.top_p not in (None, 1.0)) or (
         p.top_k not in (None, 0))
@@ -198,8 +243,10 @@ def tgi_request(req: GenerateRequest, settings: GatewaySettings, *, stream: bool
     for name in ("repetition_penalty", "frequency_penalty"):
         if getattr(p, name) is not None:
             params[name] = getattr(p, name)
-    if p.stop:
-        params["stop"] = list(p.stop)
+    if stop := _check_stop(p.stop, "stop", settings):
+        params["stop"] = stop
+    if (priority := _priority(None, principal)) is not None:
+        params["priority"] = priority
     top = _check_top(p.top_n_tokens, "top_n_tokens", settings) if p.top_n_tokens else 0
     # A stream sends one event per token (ids needed); details list the tokens.
     logprobs = stream or p.details or bool(top)
@@ -207,5 +254,5 @@ def tgi_request(req: GenerateRequest, settings: GatewaySettings, *, stream: bool
         params.update(return_log_probs=True, top_log_probs=top)
     names = {"max_tokens": "max_new_tokens", "prompt": "inputs", "messages": "inputs", "top_logprobs": "top_n_tokens",
              "logprobs": "details", "presence_penalty": "frequency_penalty"}
-    return EngineRequest(prompt=req.inputs, messages=None, params=params, max_tokens_defaulted=defaulted,
+    return EngineRequest(max_prompt_tokens=settings.max_prompt_tokens, prompt=req.inputs, messages=None, params=params, max_tokens_defaulted=defaulted,
                          logprobs=logprobs, top_logprobs=top, param_names=names)

@@ -10,6 +10,12 @@ Outside the NGC container the binary and its Python backend come from the
 
 `python -m llmserve.triton.launcher` runs a server in the foreground (`make serve`);
 `TritonServer` starts one on free ports for tests and benchmarks.
+
+With the front end beside it (`--openai-port`), tritonserver is locked down unless `--open-triton`:
+gRPC, HTTP and metrics listen on 127.0.0.1 only, and its administrative protocols (ADMIN_PROTOCOLS)
+answer only requests carrying a key generated per start and written to a file only the user can
+read (`--admin-key-file`); health, metadata and inference stay open: all the front end and the
+`client` package use.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import filecmp
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -33,10 +40,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmserve.engine.config import DEFAULT_RUNTIME
-from llmserve.paths import DEFAULT_MODEL_DIR
+from llmserve.paths import BUILD_DIR, DEFAULT_MODEL_DIR
 from llmserve.paths import MODEL_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
+
+# Triton's protocols (`--grpc-restricted-protocol`, `--http-restricted-api`) that only an operator
+# needs: loading and unloading models, their configs, shared-memory regions, statistics, tracing and
+# logging settings. health, metadata and inference stay open.
+ADMIN_PROTOCOLS = ("shared-memory", "model-config", "model-repository", "statistics", "trace", "logging")
+# The header carrying the admin key over HTTP; over gRPC Triton expects it as metadata
+# `triton-grpc-protocol-<header>`.
+ADMIN_HEADER = "admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+LOOPBACK = "127.0.0.1"
+DEFAULT_ADMIN_KEY_FILE = BUILD_DIR / "run" / "triton-admin-key"
+# The front end's API key, read from the environment (`make serve API_KEY=...` sets it): never on a
+# command line, where any process listing would show it.
+API_KEY_ENV = "LLMSERVE_API_KEY"
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,11 +134,61 @@ def free_port() -> int:
 
 
 def server_command(install: TritonInstall, model_repository: Path, grpc_port: int, http_port: int,
-                   metrics_port: int) -> list[str]:
-    return [str(install.binary), f"--model-repository={model_repository}",
-            f"--backend-directory={install.backend_dir}", f"--grpc-port={grpc_port}",
-            f"--http-port={http_port}", f"--metrics-port={metrics_port}", "--exit-timeout-secs=10",
-            "--log-verbose=0"]
+                   metrics_port: int, *, host: str | None = None, admin_key: str | None = None) -> list[str]:
+    """tritonserver's command line; `host`: the address gRPC, HTTP and metrics listen on (None: all,
+    Triton's default); `admin_key`: ADMIN_PROTOCOLS answer only requests with that key (`admin_headers`)."""
+    cmd = [str(install.binary), f"--model-repository={model_repository}",
+           f"--backend-directory={install.backend_dir}", f"--grpc-port={grpc_port}",
+           f"--http-port={http_port}", f"--metrics-port={metrics_port}", "--exit-timeout-secs=10",
+           "--log-verbose=0"]
+    if host:
+        cmd += [f"--grpc-address={host}", f"--http-address={host}", f"--metrics-address={host}"]
+    if admin_key:
+        cmd += restricted_protocol_flags(admin_key)
+    return cmd
+
+
+def restricted_protocol_flags(admin_key: str) -> list[str]:
+    """Triton's flags restricting ADMIN_PROTOCOLS, over gRPC and HTTP, to requests carrying `admin_key`."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", admin_key):
+        # Triton splits the flag at ',', ':' and '='; a header value must be one token anyway.
+        raise ValueError("an admin key has letters, digits, '-' and '_' only")
+    restriction = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_HEADER}={admin_key}"
+    return [f"--grpc-restricted-protocol={restriction}", f"--http-restricted-api={restriction}"]
+
+
+def new_admin_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def admin_headers(admin_key: str, protocol: str = "http") -> dict[str, str]:
+    """The headers that open ADMIN_PROTOCOLS: tritonclient's `headers=` for `protocol` "http" or "grpc"."""
+    return {(GRPC_ADMIN_HEADER if protocol == "grpc" else ADMIN_HEADER): admin_key}
+
+
+def write_admin_key(path: str | os.PathLike, admin_key: str) -> Path:
+    """`admin_key` into `path`, readable and writable by this user only (0600), replaced atomically
+    (a reader never sees half a key; a file or link already there is replaced, not written through)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(admin_key + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def remove_admin_key(path: str | os.PathLike, admin_key: str) -> None:
+    """Remove the key file if it still holds `admin_key` (not another server's, started since)."""
+    with contextlib.suppress(OSError):
+        if Path(path).read_text().strip() == admin_key:
+            os.unlink(path)
 
 
 def model_env(model_dir: str | None = None, runtime: str | None = None, **extra: str | int) -> dict[str, str]:
@@ -251,35 +322,46 @@ def ensure_compiled_model(model_dir: str | os.PathLike | None = None, runtime: s
 
 class TritonServer(ServerProcess):
     """tritonserver on free ports, serving the model repository (its ONNX Runtime engine built first
-    when missing: `ensure_server_compiled_model`)."""
+    when missing: `ensure_server_compiled_model`).
+
+    Open to all by default. `host="127.0.0.1"` listens on the loopback address only; `restrict_admin=True`
+    (a key generated here) or `admin_key=...` restricts ADMIN_PROTOCOLS to requests carrying
+    `admin_headers(server.admin_key, protocol)`."""
 
     name = "tritonserver"
 
     def __init__(self, model_repository: str | os.PathLike = DEFAULT_MODEL_REPOSITORY, *,
-                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
+                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+                 host: str | None = None, restrict_admin: bool = False, admin_key: str | None = None) -> None:
         super().__init__(env=server_env(env), log_path=log_path)
         self.model_repository = Path(model_repository)
         self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+        self.host = host
+        self.admin_key = admin_key or (new_admin_key() if restrict_admin else None)
 
     def command(self) -> list[str]:
         return server_command(find_tritonserver(), self.model_repository, self.grpc_port, self.http_port,
-                              self.metrics_port)
+                              self.metrics_port, host=self.host, admin_key=self.admin_key)
 
     def start(self, timeout: float = 240.0):
         ensure_server_compiled_model(self._env)
         return super().start(timeout)
 
     @property
+    def _connect_host(self) -> str:
+        return self.host if self.host and self.host not in ("0.0.0.0", "::") else "localhost"
+
+    @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self._connect_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://localhost:{self.http_port}"
+        return f"http://{self._connect_host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+        return f"http://{self._connect_host}:{self.metrics_port}/metrics"
 
     @property
     def health_url(self) -> str:
@@ -366,25 +448,60 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--openai-port", type=int, default=None,
-                        help="also run the front end (OpenAI, TGI and WebSocket APIs, chat page) on this port")
+                        help="also run the front end (OpenAI, TGI and WebSocket APIs, chat page) on this port; "
+                             "tritonserver then listens on 127.0.0.1 only, its admin protocols behind a key")
     parser.add_argument("--openai-host", default="0.0.0.0", help="the front end's address (default: all)")
+    parser.add_argument("--open-triton", action="store_true",
+                        help="with --openai-port: leave tritonserver on all addresses with every protocol open")
+    parser.add_argument("--admin-key-file", default=str(DEFAULT_ADMIN_KEY_FILE),
+                        help="where the admin key of a locked-down tritonserver is written, mode 0600 "
+                             "(default: %(default)s)")
+    parser.add_argument("--api-keys-file", default=None, help="passed on to the front end")
+    parser.add_argument("--ssl-certfile", default=None, help="passed on to the front end")
+    parser.add_argument("--ssl-keyfile", default=None, help="passed on to the front end")
     args = parser.parse_args(argv)
+    gateway_flags = {"--api-keys-file": args.api_keys_file, "--ssl-certfile": args.ssl_certfile,
+                     "--ssl-keyfile": args.ssl_keyfile}
+    if not args.openai_port and any(gateway_flags.values()):
+        parser.error(f"{', '.join(flag for flag, value in gateway_flags.items() if value)} need --openai-port")
+    lock_down = bool(args.openai_port) and not args.open_triton
+    host = LOOPBACK if lock_down else None
+    admin_key = new_admin_key() if lock_down else None
     install = find_tritonserver()
     cmd = server_command(install, Path(args.model_repository).resolve(), args.grpc_port, args.http_port,
-                         args.metrics_port)
-    print(f"serving gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}"
-          + (f"; the front end on http://localhost:{args.openai_port}" if args.openai_port else ""),
+                         args.metrics_port, host=host, admin_key=admin_key)
+    where = f"{host}:" if host else ":"
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"serving gRPC on {where}{args.grpc_port}, HTTP on {where}{args.http_port}, metrics on "
+          f"{where}{args.metrics_port}"
+          + (f"; the front end on {scheme}://localhost:{args.openai_port}" if args.openai_port else ""),
           file=sys.stderr, flush=True)
     # TensorRT runs on the GPU only: `make serve RUNTIME=tensorrt` needs no LLM_DEVICE=cuda beside it.
     extra = {"device": "cuda"} if args.runtime == "tensorrt" and "LLM_DEVICE" not in os.environ else {}
     env = server_env(model_env(args.model_dir, args.runtime, **extra))
+    env.pop(API_KEY_ENV, None)  # the front end's, not tritonserver's
     ensure_server_compiled_model(env)
     if not args.openai_port:
         os.execvpe(cmd[0], cmd, env)
+    key_file = None
+    if admin_key:
+        key_file = write_admin_key(args.admin_key_file, admin_key)
+        print(f"tritonserver's admin protocols ({', '.join(ADMIN_PROTOCOLS)}) need the key in {key_file} "
+              f"(header '{ADMIN_HEADER}' over HTTP, '{GRPC_ADMIN_HEADER}' over gRPC); --open-triton: none",
+              file=sys.stderr, flush=True)
     model_name = Path(args.model_dir or DEFAULT_MODEL_DIR).name
-    gateway_cmd = gateway_command(f"localhost:{args.grpc_port}", args.openai_host, args.openai_port,
-                                  ["--served-model-name", model_name])
-    sys.exit(run_together(cmd, env, gateway_cmd))
+    gateway_args = ["--served-model-name", model_name]
+    for flag, value in gateway_flags.items():
+        if value:
+            gateway_args += [flag, value]
+    gateway_cmd = gateway_command(f"{host or 'localhost'}:{args.grpc_port}", args.openai_host, args.openai_port,
+                                  gateway_args)
+    try:
+        code = run_together(cmd, env, gateway_cmd)
+    finally:
+        if key_file:
+            remove_admin_key(key_file, admin_key)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ class EngineMetrics:
             "prefix_cached": pb_utils.MetricFamily("llm_prefix_cache_hit_tokens_total",
                                                    "Prompt tokens whose K/V came from the prefix cache", counter),
             "steps": pb_utils.MetricFamily("llm_engine_steps_total", "Engine steps (forward passes)", counter),
+            "preemptions": pb_utils.MetricFamily("llm_preemptions_total",
+                                                 "Running sequences preempted for a request of better priority",
+                                                 counter),
         }
         self._finished = pb_utils.MetricFamily("llm_requests_finished_total", "Requests finished, by reason",
                                                counter)
@@ -50,6 +53,7 @@ class EngineMetrics:
         self._add("prompt", snapshot.prompt_tokens)
         self._add("prefix_cached", snapshot.prefix_cached_tokens)
         self._add("steps", snapshot.steps)
+        self._add("preemptions", snapshot.preemptions)
         # Finished requests last: a reader that sees a request counted sees its tokens too (the bench).
         for reason, count in snapshot.finished.items():
             key = f"finished:{reason}"

@@ -140,4 +140,5 @@ def parse_llm_request(inputs: Inputs) -> LLMRequest:
 _SAMPLING_INPUTS = {
     "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
     "presence_penalty": float, "frequency_penalty": float, "min_tokens": int, "seed": int, "end_id": int,
+    "priority": int,  # the scheduler's, not the sampler's: lower is served first (SamplingParams.priority)
 }

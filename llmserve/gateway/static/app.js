@@ -68,11 +68,27 @@
 
   class ServerError extends Error {}
 
+  // A server started with API keys answers 401: the page asks for the key once and keeps it for
+  // this tab (sessionStorage), sending it as the OpenAI SDK does.
+  const KEY_STORAGE = "llmserve.apiKey";
+
+  async function authorizedFetch(url, options) {
+    for (let asked = 0; ; asked += 1) {
+      const key = sessionStorage.getItem(KEY_STORAGE);
+      const headers = { ...(options.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+      const response = await fetch(url, { ...options, headers });
+      if (response.status !== 401 || asked >= 2) return response;
+      const entered = window.prompt(key ? "That API key was refused. API key:" : "This server needs an API key:");
+      if (!entered || !entered.trim()) return response;
+      sessionStorage.setItem(KEY_STORAGE, entered.trim());
+    }
+  }
+
   // Streams one chat completion. Calls onDelta(text) for each piece of content, and returns
   // {usage, finishReason, chunks}; throws ServerError with the server's message on an
   // error, and the fetch's AbortError when `signal` aborts.
   async function streamChat(request, signal, onDelta) {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await authorizedFetch("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify(request),
@@ -381,7 +397,7 @@
 
   async function loadModel() {
     try {
-      const response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
+      const response = await authorizedFetch("/v1/models", { headers: { Accept: "application/json" } });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const body = await response.json();
       const model = body && Array.isArray(body.data) && body.data[0] && body.data[0].id;
