@@ -25,6 +25,9 @@ if [[ "$RUNTIME" != "torch" ]]; then
 fi
 
 # The front end (OpenAI, TGI, WebSocket, the chat page) on 9000 beside tritonserver; OPENAI_PORT= turns it off.
+# With it, tritonserver listens inside the container only (its admin protocols behind a key) unless
+# OPEN_TRITON=1; the front end's key: LLMSERVE_API_KEY, or LLMSERVE_API_KEYS_FILE (a mounted TOML file).
 OPENAI_PORT="${OPENAI_PORT-9000}"
 exec .venv/bin/python -m llmserve.triton.launcher --model-dir "$MODEL_DIR" --runtime "$RUNTIME" \
-    --http-port 8000 --grpc-port 8001 --metrics-port 8002 ${OPENAI_PORT:+--openai-port "$OPENAI_PORT"}
+    --http-port 8000 --grpc-port 8001 --metrics-port 8002 ${OPENAI_PORT:+--openai-port "$OPENAI_PORT"} \
+    ${OPEN_TRITON:+--open-triton} ${LLMSERVE_API_KEYS_FILE:+--api-keys-file "$LLMSERVE_API_KEYS_FILE"}

@@ -342,9 +342,48 @@ def test_tls_with_a_self_signed_certificate(triton_server, tmp_path):
     with TlsGateway(triton_server.grpc_url, extra_args=args, ca_file=str(ca_file),
                     log_path=tmp_path / "gateway.log") as server:
         with OpenAI(base_url=f"{server.url}/v1", api_key=KEY_OPEN, max_retries=0,
-                    http_client=httpx.Client(verify=str(ca_file))) as client:
+                    http_client=httpx.Client(verify=server.context)) as client:
             assert client.completions.create(model="default", prompt=PROMPT, max_tokens=3).choices[0].text
         with pytest.raises(httpx.ConnectError):  # not trusted without the CA
             httpx.get(f"{server.url}/health")
         with pytest.raises(httpx.HTTPError):  # and no plain HTTP on that port
             httpx.get(server.url.replace("https://", "http://") + "/health", timeout=5)
+
+
+def test_a_client_that_stops_reading_has_its_generation_stopped(keyed, settled_tokens):
+    """Slowloris on the way out: responses pile up in the socket buffers until a send blocks; after
+    --stream-idle-timeout (2 s here) the stream is dropped and its generations stopped. Three such
+    clients, so that the generations would run well past the timeout."""
+    from llmserve.triton.launcher import metric
+
+    def cancelled() -> float:
+        try:
+            return metric(keyed.triton.metrics_url, "llm_requests_finished_total", reason="cancelled")
+        except KeyError:  # none yet
+            return 0.0
+
+    clients, n, max_tokens = 3, 8, 900
+    before, cancelled_before = settled_tokens(keyed.triton), cancelled()
+    host, port = keyed.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "n": n, "logprobs": 20,
+                       "stream": True}).encode()
+    sockets = []
+    try:
+        for _ in range(clients):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            sock.connect((host, int(port)))
+            sock.sendall(f"POST {C} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_OPEN}\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        for sock in sockets:
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")  # then nothing more is read
+        deadline = time.monotonic() + 60
+        while metric(keyed.triton.metrics_url, "llm_active_sequences") > 0:
+            assert time.monotonic() < deadline, "the generations went on for clients that stopped reading"
+            time.sleep(0.2)
+        generated = settled_tokens(keyed.triton) - before  # while the sockets are still open
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert generated < clients * n * max_tokens and cancelled() > cancelled_before, generated

@@ -57,7 +57,7 @@ def test_waiting_queue_serves_lower_priority_first_then_arrival(engine_factory):
     engine = _engine(engine_factory, max_num_seqs=2)
     order = [("a", 1), ("b", 0), ("c", 2), ("d", 0), ("e", 1), ("f", -5)]
     for rid, priority in order:
-        engine.add_request(rid, engine.encode("The little dog"), SamplingParams(max_tokens=2, priority=priority))
+        engine.add_request(rid, engine.encode("The little dog"), SamplingParams(max_tokens=2, min_tokens=2, priority=priority))
     assert [s.request_id for s in engine.scheduler.waiting] == ["f", "b", "d", "a", "e", "c"]
     admitted = []
     while engine.has_unfinished():
@@ -71,7 +71,7 @@ def test_waiting_queue_serves_lower_priority_first_then_arrival(engine_factory):
 
 def test_finish_and_check_queue_still_work_on_the_ordered_queue(engine_factory):
     engine = _engine(engine_factory, max_num_seqs=1, max_queued_requests=3)
-    seqs = [engine.add_request(str(i), engine.encode("Hi"), SamplingParams(max_tokens=2, priority=p))
+    seqs = [engine.add_request(str(i), engine.encode("Hi"), SamplingParams(max_tokens=2, min_tokens=2, priority=p))
             for i, p in enumerate([3, 1, 2])]
     engine.abort(seqs[1].seq_id)  # a waiting sequence leaves the queue
     assert [s.request_id for s in engine.scheduler.waiting] == ["2", "0"]
@@ -96,7 +96,7 @@ def test_a_better_priority_request_preempts_the_worst_running_one(engine_factory
     engine.step()
     assert same.status is SequenceStatus.WAITING and engine.stats.preemptions == 0
     # Priority 0 preempts the worst running one, the priority-2 sequence, and runs at the next step.
-    high = engine.add_request("high", engine.encode("A big red ball"), SamplingParams(max_tokens=4, priority=0))
+    high = engine.add_request("high", engine.encode("A big red ball"), SamplingParams(max_tokens=4, min_tokens=4, priority=0))
     worst, slot = running[0], running[0].slot
     generated = list(worst.ids)
     engine.step()
@@ -108,7 +108,7 @@ def test_a_better_priority_request_preempts_the_worst_running_one(engine_factory
     # A preempted sequence keeps its arrival: ahead of later arrivals of its priority.
     assert [s.request_id for s in engine.scheduler.waiting] == ["low0", "same"]
     # Among equal priorities the latest arrival is the worst.
-    top = engine.add_request("top", engine.encode("In the morning"), SamplingParams(max_tokens=2, priority=-1))
+    top = engine.add_request("top", engine.encode("In the morning"), SamplingParams(max_tokens=2, min_tokens=2, priority=-1))
     second_slot = running[2].slot
     engine.step()
     assert top.status is SequenceStatus.RUNNING
@@ -125,7 +125,7 @@ def test_several_preemptions_in_one_step(engine_factory):
     engine = _engine(engine_factory, max_num_seqs=2)
     lows = [engine.add_request(f"low{i}", engine.encode(p), LONG) for i, p in enumerate(["Hi", "Tom had"])]
     engine.step()
-    highs = [engine.add_request(f"high{i}", engine.encode("The bird flew"), SamplingParams(max_tokens=3, priority=0))
+    highs = [engine.add_request(f"high{i}", engine.encode("The bird flew"), SamplingParams(max_tokens=3, min_tokens=3, priority=0))
              for i in range(2)]
     engine.step()
     assert all(h.status is SequenceStatus.RUNNING for h in highs)
@@ -229,7 +229,7 @@ def test_prefill_budget_counts_the_tokens_to_compute(engine_factory):
 @pytest.mark.parametrize("priority", [2**31, -2**31 - 1, 1.5, "1", True, None])
 def test_invalid_priority_is_an_invalid_request_naming_it(priority):
     with pytest.raises(InvalidRequestError, match="priority"):
-        SamplingParams(max_tokens=4, priority=priority)
+        SamplingParams(max_tokens=4, min_tokens=4, priority=priority)
 
 
 def test_priority_parses_from_the_request_tensor():
@@ -237,4 +237,4 @@ def test_priority_parses_from_the_request_tensor():
     params, _, _ = parse_generation(inputs)
     assert params.priority == -3 and type(params.priority) is int
     assert parse_generation({"max_tokens": np.array([[4]], dtype=np.int32)})[0].priority == 0
-    assert SamplingParams(max_tokens=4, priority=2**31 - 1).priority == 2**31 - 1
+    assert SamplingParams(max_tokens=4, min_tokens=4, priority=2**31 - 1).priority == 2**31 - 1

@@ -6,6 +6,7 @@ One launcher (tritonserver and the front end, as `make serve` runs them) for the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -37,6 +38,9 @@ def _status(url: str, headers: dict[str, str] | None = None) -> int | None:
         return None
 
 
+FRONT_END_KEY = "sk-lockdown-front-end-5150"
+
+
 class Served:
     def __init__(self, grpc: int, http: int, metrics: int, openai: int, key_file: Path, log: Path) -> None:
         self.grpc_port, self.http_port, self.metrics_port, self.openai_port = grpc, http, metrics, openai
@@ -45,6 +49,7 @@ class Served:
         self.gateway_url = f"http://127.0.0.1:{openai}"
         self.key_file = key_file
         self.log = log
+        self.pid: int | None = None  # the launcher's, its process group's
 
     @property
     def admin_key(self) -> str:
@@ -62,7 +67,9 @@ def served(default_model_dir, tmp_path_factory):
         [sys.executable, "-m", "llmserve.triton.launcher", "--model-dir", str(default_model_dir),
          "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics),
          "--openai-port", str(openai), "--openai-host", "127.0.0.1", "--admin-key-file", str(served.key_file)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "LLMSERVE_API_KEY": FRONT_END_KEY})  # as `make serve API_KEY=...` passes it
+    served.pid = launcher.pid
     try:
         deadline = time.monotonic() + 240
         while _status(f"{served.gateway_url}/health") != 200:
@@ -298,6 +305,44 @@ def test_inference_through_the_clients_and_the_front_end(served, default_model_d
     assert asyncio.run(async_health())
     body = json.dumps({"model": default_model_dir.name, "prompt": "Once upon a time", "max_tokens": 4}).encode()
     request = urllib.request.Request(f"{served.gateway_url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {FRONT_END_KEY}"})
     with urllib.request.urlopen(request, timeout=60) as response:
         assert json.loads(response.read())["usage"]["completion_tokens"] == 4
+
+
+def test_the_front_end_takes_its_key_from_the_environment_not_the_command_line(served):
+    """`make serve API_KEY=...`: the key reaches the front end as $LLMSERVE_API_KEY, so it is required
+    there and appears in no process's command line."""
+    request = urllib.request.Request(f"{served.gateway_url}/v1/models")
+    assert _status_of(request) == 401
+    request.add_header("Authorization", f"Bearer {FRONT_END_KEY}")
+    assert _status_of(request) == 200
+    family = _descendants(served.pid)
+    assert len(family) >= 3  # the launcher, tritonserver, the front end (and the Python backend's stubs)
+    for pid in family:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert FRONT_END_KEY.encode() not in cmdline.read()
+
+
+def _descendants(root: int) -> set[int]:
+    """`root` and every process below it (parents read from /proc/PID/stat)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat") as stat_file:
+                parents[int(name)] = int(stat_file.read().rsplit(")", 1)[1].split()[1])
+    family, grown = {root}, True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= children
+        grown = bool(children)
+    return family
+
+
+def _status_of(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
