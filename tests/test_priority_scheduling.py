@@ -5,6 +5,7 @@ to exactly the output it would have had (tokens, text, log probabilities, its on
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -238,3 +239,57 @@ def test_priority_parses_from_the_request_tensor():
     assert params.priority == -3 and type(params.priority) is int
     assert parse_generation({"max_tokens": np.array([[4]], dtype=np.int32)})[0].priority == 0
     assert SamplingParams(max_tokens=4, min_tokens=4, priority=2**31 - 1).priority == 2**31 - 1
+
+
+def test_a_full_queue_takes_a_better_priority_request_in_place_of_the_worst_queued_one(engine_factory):
+    """max_queued_requests holds requests never admitted: preempted ones do not count, and a newcomer
+    of better priority pushes the worst queued one out (refused as overloaded) instead of being refused."""
+    from llmserve.errors import OverloadedError
+
+    engine = _engine(engine_factory, max_num_seqs=1, max_queued_requests=2)
+    running = engine.add_request("running", engine.encode("Once upon a time"), replace(LONG, priority=5))
+    engine.step()
+    queued = [engine.add_request(f"q{i}", engine.encode("The little dog"), replace(LONG, priority=p))
+              for i, p in enumerate((3, 4))]
+    refused_before = engine.snapshot().refused
+    with pytest.raises(OverloadedError, match="max_queued_requests=2"):  # not better than the worst queued (4)
+        engine.add_request("same", engine.encode("Hi"), replace(LONG, priority=4))
+    urgent = engine.add_request("urgent", engine.encode("Hi"), replace(LONG, priority=0))
+    assert engine.take_evicted() == [queued[1]] and queued[1].status is SequenceStatus.FINISHED
+    assert [s.request_id for s in engine.scheduler.waiting] == ["urgent", "q0"]
+    assert engine.snapshot().refused == refused_before + 2
+    engine.step()  # urgent preempts the running one, which waits again without counting as queued
+    assert urgent.status is SequenceStatus.RUNNING and running.status is SequenceStatus.WAITING
+    engine.add_request("q2", engine.encode("The sun"), replace(LONG, priority=4))  # room: 1 queued + 1 preempted
+    while engine.has_unfinished():
+        engine.step()
+    assert running.num_output_tokens == LONG.max_tokens
+
+
+def test_the_loop_refuses_the_evicted_request_as_overloaded(engine_factory):
+    import queue as queue_module
+
+    from llmserve.engine.loop import EngineLoop
+    from llmserve.errors import OverloadedError
+
+    engine = _engine(engine_factory, max_num_seqs=1, max_queued_requests=1)
+    outputs: dict[str, queue_module.Queue] = {name: queue_module.Queue() for name in ("running", "low", "high")}
+    loop = EngineLoop(engine, send=lambda h, out: outputs[h].put(out), fail=lambda h, exc: outputs[h].put(exc))
+    loop.start()
+    try:
+        long = SamplingParams(max_tokens=200, min_tokens=200, priority=1)
+        loop.submit("running", "running", engine.encode("Once upon a time"), long)
+        assert not isinstance(outputs["running"].get(timeout=30), Exception)  # it runs
+        loop.submit("low", "low", engine.encode("The dog"), long)
+        deadline = time.monotonic() + 30  # queued (a request still in the loop's inbox has no place to give)
+        while engine.num_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        loop.submit("high", "high", engine.encode("The cat"), replace(long, priority=0, max_tokens=2, min_tokens=2))
+        refused = outputs["low"].get(timeout=30)
+        assert isinstance(refused, OverloadedError) and "better priority" in str(refused)
+        while not isinstance(out := outputs["high"].get(timeout=30), Exception) and not out.finished:
+            pass
+        assert out.finished and out.num_output_tokens == 2
+    finally:
+        loop.shutdown()

@@ -6,6 +6,7 @@ Not thread-safe: one thread owns an engine (see `llmserve.engine.loop.EngineLoop
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llmserve.engine.config import EngineConfig, SamplingParams
 from llmserve.engine.detokenizer import IncrementalDetokenizer, TextUnit, decode
+from llmserve.engine.latency import LatencyLog, RequestLatency
 from llmserve.engine.output_buffer import Emission, OutputBuffer
 from llmserve.engine.prefill import PARALLEL_PREFILL_MIN_TOKENS, ForwardPass, plan_passes
 from llmserve.engine.sampler import Sampler, TokenLogprobs, token_logprobs
@@ -104,6 +106,7 @@ class EngineSnapshot:
     generated_tokens: int
     finished: dict[str, int]
     preemptions: int = 0
+    refused: int = 0  # requests refused because the waiting queue was full
 
     @property
     def slot_usage(self) -> float:
@@ -160,6 +163,11 @@ class LLMEngine:
         self.scheduler = Scheduler(config, SlotAllocator(runner.num_slots))
         self.sampler = Sampler()
         self.stats = EngineStats()
+        # Queued requests a better-priority newcomer pushed out of the full queue, for the caller to
+        # refuse as overloaded (`EngineLoop` does; take them with `take_evicted`).
+        self.evicted: list[Sequence] = []
+        # Latencies are kept only for an exporter that drains them (llmserve/triton/metrics.py sets it).
+        self.latency: LatencyLog | None = None
         self._sequences: dict[int, Sequence] = {}
 
     # -- requests --------------------------------------------------------------
@@ -185,20 +193,28 @@ class LLMEngine:
             raise InvalidRequestError(f"end_id must be a token id in [0, {vocab}), got {params.end_id}")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                    stream: bool = True, echo_prompt: bool = False) -> Sequence:
+                    stream: bool = True, echo_prompt: bool = False, arrival_time: float | None = None) -> Sequence:
+        """`arrival_time` (time.monotonic) is when the server took the request; default now."""
         self.validate(prompt_ids, params)
         bad_word_ids = [ids for ids in (encode_text(self.tokenizer, w) for w in params.bad_words) if ids]
         stop_ids = frozenset([params.end_id]) if params.end_id is not None else self.eos_ids
         seq = Sequence(request_id, prompt_ids, params, stream=stream, stop_ids=stop_ids,
-                       bad_word_ids=bad_word_ids)
+                       bad_word_ids=bad_word_ids, arrival_time=arrival_time)
         seq.detokenizer = IncrementalDetokenizer(self._decoder, seq.ids, len(prompt_ids))
         seq.output = OutputBuffer(StopStringMatcher(params.stop) if params.stop else None)
         if echo_prompt:
             seq.output.add(TextUnit(0, 0, len(prompt_ids), decode(self._decoder, prompt_ids)), check_stop=False)
-        self.scheduler.add(seq)
+        evicted = self.scheduler.add(seq)
+        if evicted is not None:  # a worse queued request gave up its place in the full queue
+            del self._sequences[evicted.seq_id]
+            self.evicted.append(evicted)
         self._sequences[seq.seq_id] = seq
         self.stats.prompt_tokens += len(prompt_ids)
         return seq
+
+    def take_evicted(self) -> list[Sequence]:
+        evicted, self.evicted = self.evicted, []
+        return evicted
 
     def abort(self, seq_id: int) -> RequestOutput | None:
         """Stop a sequence now and free its slot; its final output says `cancelled`."""
@@ -232,7 +248,7 @@ class LLMEngine:
             num_running=self.num_running, num_waiting=self.num_waiting, num_slots=slots.num_slots,
             num_slots_used=slots.num_used, steps=stats.steps, prompt_tokens=stats.prompt_tokens,
             prefix_cached_tokens=stats.prefix_cached_tokens, generated_tokens=stats.generated_tokens,
-            finished=dict(stats.finished), preemptions=stats.preemptions)
+            finished=dict(stats.finished), preemptions=stats.preemptions, refused=self.scheduler.num_refused)
 
     # -- the step ----------------------------------------------------------------
 
@@ -250,8 +266,9 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for forward_pass in plan_passes(batch.prefill, batch.decode, packs_prefill=self.runner.packs_prefill):
             tokens, logprobs = self._run(forward_pass)
+            now = time.monotonic()  # the pass's tokens exist from now
             pass_outputs = [out for seq, token, token_logprobs in zip(forward_pass.seqs, tokens, logprobs)
-                            if (out := self._postprocess(seq, token, token_logprobs)) is not None]
+                            if (out := self._postprocess(seq, token, token_logprobs, now)) is not None]
             if emit is not None:
                 emit(pass_outputs)
             else:
@@ -278,8 +295,14 @@ class LLMEngine:
             seq.num_cached = len(seq.ids)
         return tokens, logprobs
 
-    def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput | None:
+    def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None,
+                     now: float) -> RequestOutput | None:
         params = seq.params
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        elif self.latency is not None:
+            self.latency.inter_token.append(now - seq.last_token_time)
+        seq.last_token_time = now
         if token in seq.stop_ids:  # the sampler bans these before min_tokens
             return self._finish(seq, "stop")
         seq.append(token, logprobs)
@@ -307,11 +330,21 @@ class LLMEngine:
         if slot is not None:
             self.runner.release(slot)
         del self._sequences[seq.seq_id]
+        if self.latency is not None:
+            self._record_latency(seq)
         self.pacer.finished(seq)
         seq.finish_reason = reason
         self.stats.finished[reason] += 1
         emission = seq.output.take() if reason != "cancelled" else None
         return self._output(seq, emission, finish_reason=reason)
+
+    def _record_latency(self, seq: Sequence) -> None:
+        end = time.monotonic()
+        start = seq.arrival_time
+        queued_until = seq.admitted_time if seq.admitted_time is not None else end
+        ttft = seq.first_token_time - start if seq.first_token_time is not None else None
+        self.latency.requests.append(RequestLatency(queued_until - start, ttft, end - start, seq.num_prompt_tokens,
+                                                    seq.num_output_tokens))
 
     def _output(self, seq: Sequence, emission: Emission | None, finish_reason: str | None = None) -> RequestOutput:
         if emission is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ class _Add:
     stream: bool
     echo_prompt: bool
     poll_cancellation: bool
+    arrival_time: float  # time.monotonic() at submit: queue time starts here
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,9 +136,11 @@ class EngineLoop:
         if self._stopping:
             raise OverloadedError("the engine is shutting down")
         self.engine.validate(prompt_ids, params)
-        self.engine.scheduler.check_queue(extra_waiting=self._inbox.qsize())
+        # Requests still in the inbox count as queued but cannot give their place to a better priority.
+        self.engine.scheduler.check_queue(extra_waiting=self._inbox.qsize(), priority=params.priority)
         self._inbox.put(_Add(handle=handle, request_id=request_id, prompt_ids=prompt_ids, params=params,
-                             stream=stream, echo_prompt=echo_prompt, poll_cancellation=poll_cancellation))
+                             stream=stream, echo_prompt=echo_prompt, poll_cancellation=poll_cancellation,
+                             arrival_time=time.monotonic()))
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id=request_id))
@@ -192,12 +196,17 @@ class EngineLoop:
 
     def _add(self, item: _Add) -> None:
         try:
-            seq = self.engine.add_request(item.request_id, item.prompt_ids, item.params,
-                                          stream=item.stream, echo_prompt=item.echo_prompt)
+            seq = self.engine.add_request(item.request_id, item.prompt_ids, item.params, stream=item.stream,
+                                          echo_prompt=item.echo_prompt, arrival_time=item.arrival_time)
         except Exception as exc:
             self._fail(item.handle, exc)
             return
         self._handles[seq.seq_id] = item.handle
+        for evicted in self.engine.take_evicted():
+            handle = self._handles.pop(evicted.seq_id)
+            self._outbox.put(evicted.seq_id, handle, OverloadedError(
+                "server overloaded: the queue is full and a request of better priority took this "
+                f"request's place (max_queued_requests={self.engine.config.max_queued_requests})"))
         if item.poll_cancellation and self._is_cancelled is not None:
             self._watched[seq.seq_id] = item.handle  # no lock: the engine thread never waits for a check
 

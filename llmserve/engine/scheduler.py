@@ -17,6 +17,8 @@ Readmitted, it prefills prompt + output so far and samples its next token; its s
 from __future__ import annotations
 
 import bisect
+import threading
+import time
 from dataclasses import dataclass, field
 
 from llmserve.engine.config import EngineConfig
@@ -47,21 +49,48 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # ordered by Sequence.queue_key: priority, then arrival
         self.running: list[Sequence] = []  # kept in slot order: the runner attends over contiguous slices
         self.prefix_cache = PrefixCache(slots.num_slots) if config.enable_prefix_caching else None
+        # Requests refused because the queue was full: counted from the submitting threads too.
+        self.num_refused = 0
+        self._refused_lock = threading.Lock()
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def check_queue(self, extra_waiting: int = 0) -> None:
-        """OverloadedError when the queue (plus `extra_waiting` requests not yet added) is full."""
-        waiting = len(self.waiting) + extra_waiting
-        if waiting >= self.config.max_queued_requests:
+    def _queued(self) -> list[Sequence]:
+        """The waiting requests never admitted (preempted ones were: they do not count as queued)."""
+        return [s for s in self.waiting if s.admitted_time is None]
+
+    def _evictable(self, priority: int) -> Sequence | None:
+        """The queued request a newcomer of `priority` may take the place of: the worst queued one,
+        when the newcomer's priority is strictly better."""
+        queued = self._queued()
+        worst = queued[-1] if queued else None  # the waiting list is in queue order
+        return worst if worst is not None and priority < worst.params.priority else None
+
+    def check_queue(self, extra_waiting: int = 0, priority: int = 0) -> None:
+        """OverloadedError when the queue (plus `extra_waiting` requests not yet added) is full, unless
+        a request of `priority` would take the place of a worse queued one."""
+        waiting = len(self._queued()) + extra_waiting
+        if waiting >= self.config.max_queued_requests and self._evictable(priority) is None:
+            with self._refused_lock:
+                self.num_refused += 1
             raise OverloadedError(f"server overloaded: {waiting} requests already waiting for a slot "
                                   f"(max_queued_requests={self.config.max_queued_requests})")
 
-    def add(self, seq: Sequence) -> None:
-        self.check_queue()
+    def add(self, seq: Sequence) -> Sequence | None:
+        """Queue `seq`; the queued request it pushed out of a full queue, if any (the caller refuses it
+        as overloaded), or OverloadedError for `seq` itself."""
+        self.check_queue(priority=seq.params.priority)
+        evicted = None
+        if len(self._queued()) >= self.config.max_queued_requests:
+            evicted = self._evictable(seq.params.priority)
+            self.waiting.remove(evicted)
+            evicted.status = SequenceStatus.FINISHED
+            with self._refused_lock:
+                self.num_refused += 1
         bisect.insort(self.waiting, seq, key=_queue_key)
+        return evicted
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(decode=list(self.running))
@@ -74,6 +103,8 @@ class Scheduler:
             if not self.slots.num_free and not self._preempt_for(head, batch):
                 break
             seq = self.waiting.pop(0)
+            if seq.admitted_time is None:
+                seq.admitted_time = time.monotonic()
             self._allocate(seq, batch)
             seq.status = SequenceStatus.RUNNING
             budget -= seq.num_uncached

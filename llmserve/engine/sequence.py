@@ -30,11 +30,12 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "params", "stream", "ids", "num_prompt_tokens", "num_cached",
                  "num_prefix_cached", "slot", "status", "finish_reason", "stop_ids", "bad_word_ids", "rng",
                  "token_counts", "seen_mask", "detokenizer", "output", "arrival_time", "logprobs", "top_logprobs",
-                 "cum_logprob", "num_preemptions")
+                 "cum_logprob", "num_preemptions", "admitted_time", "first_token_time", "last_token_time")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *, stream: bool,
                  stop_ids: frozenset[int], bad_word_ids: list[list[int]],
-                 detokenizer: IncrementalDetokenizer | None = None, output: OutputBuffer | None = None) -> None:
+                 detokenizer: IncrementalDetokenizer | None = None, output: OutputBuffer | None = None,
+                 arrival_time: float | None = None) -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.params = params
@@ -54,7 +55,12 @@ class Sequence:
         self.seen_mask: torch.Tensor | None = None  # prompt + output tokens, for repetition_penalty
         self.detokenizer = detokenizer
         self.output = output
-        self.arrival_time = time.monotonic()
+        # The engine's clock (time.monotonic): when the server took the request (EngineLoop.submit),
+        # its first admission to a slot, its first and latest generated token.
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.admitted_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
         # Per generated token, only when the request asked (params.logprobs): index i = output token i.
         self.logprobs: list[float] | None = [] if params.logprobs else None
         self.top_logprobs: list[tuple[list[int], list[float]]] | None = [] if params.logprobs else None

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import re
+from urllib.parse import unquote_plus
 
 import uvicorn
 
@@ -16,16 +17,28 @@ from .settings import GatewaySettings
 
 # Read when --api-key is not given: a key in the environment stays out of process listings.
 API_KEY_ENV = "LLMSERVE_API_KEY"
-_SECRET_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"]+)=([^&\s\"]*)")
+
+
+def _mask_token(match: re.Match) -> str:
+    if unquote_plus(match.group(2)).lower() != "token":  # as the WebSocket route decodes the name
+        return match.group(0)
+    return f"{match.group(1)}{match.group(2)}=***"
+
+
+def redact(text: str) -> str:
+    return _QUERY_PARAM.sub(_mask_token, text) if "=" in text else text
 
 
 class RedactTokens(logging.Filter):
-    """uvicorn logs each request line, query string included: a WebSocket's `token=KEY` is masked."""
+    """uvicorn logs each request line, query string included: a WebSocket's `token=KEY` is masked
+    in the record's arguments (uvicorn's formatters read them one by one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = _SECRET_IN_URL.sub(r"\1***", message), ()
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = redact(record.msg)
         return True
 
 

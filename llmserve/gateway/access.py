@@ -4,8 +4,9 @@
 the chat page's static files stay open. A generation (every POST) is admitted by the `RateLimiter`
 or refused with 429 and `Retry-After`; every response of a keyed request carries OpenAI's
 `x-ratelimit-*` headers. The admitted request's `Admission` is `current_admission` while it runs
-(generation.py charges its tokens), its key's `Principal` is `request.state.principal`. The WebSocket
-authenticates once at connect (`authenticate_websocket`) and is admitted per generation.
+(generation.py charges its tokens), its key's `Principal` is `request.state.principal`. A WebSocket's
+key (`websocket_key`) is checked at connect and again for each generation (a key revoked in the file
+ends the socket), and each generation is admitted like a request.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from .errors import GatewayError, error_response
-from .keys import KeyStore, Principal
+from .keys import KeyStore
 from .ratelimit import Admission, RateLimited, RateLimiter
 
 # The admitted request running in this context (None: no keys, or not a generation).
@@ -116,20 +117,20 @@ class AccessMiddleware:
                 admission.release()
 
 
-async def authenticate_websocket(websocket: WebSocket, keys: KeyStore | None) -> Principal | None | bool:
-    """The socket's Principal (None: no keys configured), or False after refusing it: accepted, told
-    why in an error message, closed with 1008 (a browser sees no HTTP status of a refused upgrade)."""
-    if keys is None:
-        return None
+def websocket_key(websocket: WebSocket) -> str | None:
+    """The key a WebSocket presented: its Authorization header, else its `token` query parameter."""
     presented = bearer_token(websocket.scope)
     if presented is None:
         tokens = parse_qs(websocket.scope.get("query_string", b"").decode("latin-1")).get("token")
         presented = tokens[0] if tokens else None
-    principal = keys.authenticate(presented)
-    if principal is not None:
-        return principal
-    await websocket.accept()
+    return presented
+
+
+async def refuse_websocket(websocket: WebSocket, presented: str | None, *, accepted: bool) -> None:
+    """Tell the client why in an error message, then close with 1008 (a browser sees no HTTP status
+    of a refused upgrade, so the socket is accepted first)."""
+    if not accepted:
+        await websocket.accept()
     error = unauthorized(presented)
     await websocket.send_json({"type": "error", "error": error.openai_body()["error"]})
     await websocket.close(code=1008, reason="invalid API key" if presented else "missing API key")
-    return False

@@ -72,13 +72,13 @@ async def stream_choice(client: AsyncClient, req: EngineRequest, index: int,
         try:
             async with aclosing(stream) as chunks:
                 async for chunk in chunks:
-                    if not started:
-                        _check_prompt_tokens(req, chunk)
-                    started = True
-                    if admission is not None:
+                    if admission is not None:  # before the prompt cap: an oversized prompt was prefilled
                         total = chunk.num_output_tokens + (chunk.num_input_tokens if index == 0 else 0)
                         admission.charge(total - charged)
                         charged = total
+                    if not started:
+                        _check_prompt_tokens(req, chunk)
+                    started = True
                     if chunk.finish_reason == "cancelled":  # not by this caller, who is still listening
                         raise cancelled_by_server()
                     yield chunk

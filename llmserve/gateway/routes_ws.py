@@ -27,10 +27,10 @@ from pydantic import BaseModel, ValidationError
 
 from client import AsyncClient
 
-from .access import authenticate_websocket, current_admission, rate_limited, retry_after
+from .access import current_admission, rate_limited, refuse_websocket, retry_after, websocket_key
 from .errors import GatewayError, from_client_error, invalid_parameter, validation_error
 from .generation import stream_choice
-from .keys import Principal
+from .keys import KeyStore
 from .openai_common import openai_finish, usage
 from .protocol_ws import DoneMessage, ErrorMessage, TokenMessage, WsRequest
 from .ratelimit import Admission, RateLimited, RateLimiter
@@ -56,11 +56,12 @@ class _Progress:
 
 class _Session:
     def __init__(self, websocket: WebSocket, client: AsyncClient, settings: GatewaySettings,
-                 principal: Principal | None, limiter: RateLimiter) -> None:
+                 keys: KeyStore | None, limiter: RateLimiter) -> None:
         self.websocket = websocket
         self.client = client
         self.settings = settings
-        self.principal = principal
+        self.keys = keys
+        self.presented_key = websocket_key(websocket) if keys is not None else None
         self.limiter = limiter
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.current: asyncio.Task | None = None
@@ -144,8 +145,15 @@ class _Session:
         try:
             if not isinstance(data, dict):
                 raise invalid_parameter("A request must be a JSON object", None)
-            req = ws_request(WsRequest.model_validate(data), self.settings, self.principal)
-            admission = self.limiter.admit(self.principal) if self.principal is not None else None
+            principal = None
+            if self.keys is not None:  # again for each generation: the key file may have changed
+                principal = self.keys.authenticate(self.presented_key)
+                if principal is None:
+                    self._closed()
+                    await refuse_websocket(self.websocket, self.presented_key, accepted=True)
+                    return
+            req = ws_request(WsRequest.model_validate(data), self.settings, principal)
+            admission = self.limiter.admit(principal) if principal is not None else None
         except ValidationError as exc:
             await self.send_error(validation_error(list(exc.errors())))
             return
@@ -164,6 +172,7 @@ class _Session:
             await asyncio.wait({task})
         finally:
             self.current = None
+            task.cancel()  # a no-op once done; stops the generation when this session is cancelled (shutdown)
             if admission is not None:
                 admission.release()
         if task.cancelled():
@@ -190,8 +199,9 @@ class _Session:
 
 @router.websocket("/v1/ws")
 async def websocket_route(websocket: WebSocket) -> None:
-    principal = await authenticate_websocket(websocket, keys_of(websocket))
-    if principal is False:
+    keys = keys_of(websocket)
+    if keys is not None and keys.authenticate(presented := websocket_key(websocket)) is None:
+        await refuse_websocket(websocket, presented, accepted=False)
         return
     await websocket.accept()
-    await _Session(websocket, client_of(websocket), settings_of(websocket), principal, limiter_of(websocket)).run()
+    await _Session(websocket, client_of(websocket), settings_of(websocket), keys, limiter_of(websocket)).run()

@@ -30,6 +30,9 @@ class EngineMetrics:
             "preemptions": pb_utils.MetricFamily("llm_preemptions_total",
                                                  "Running sequences preempted for a request of better priority",
                                                  counter),
+            "refused": pb_utils.MetricFamily("llm_requests_refused_total",
+                                             "Requests refused because the waiting queue was full "
+                                             "(max_queued_requests)", counter),
         }
         self._finished = pb_utils.MetricFamily("llm_requests_finished_total", "Requests finished, by reason",
                                                counter)
@@ -54,6 +57,7 @@ class EngineMetrics:
         self._add("prefix_cached", snapshot.prefix_cached_tokens)
         self._add("steps", snapshot.steps)
         self._add("preemptions", snapshot.preemptions)
+        self._add("refused", snapshot.refused)
         # Finished requests last: a reader that sees a request counted sees its tokens too (the bench).
         for reason, count in snapshot.finished.items():
             key = f"finished:{reason}"
