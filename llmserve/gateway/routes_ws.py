@@ -172,7 +172,7 @@ class _Session:
             await asyncio.wait({task})
         finally:
             self.current = None
-            task.cancel()  # a no-op once done; stops the generation when this session is cancelled (shutdown)
+            task.cancel()  # a no-op once done; stops the generation when the socket handler is cancelled (shutdown)
             if admission is not None:
                 admission.release()
         if task.cancelled():
