@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model engine serve test browser bench bench-priority loadtest loadtest-goodput clean
+.PHONY: install model engine serve test system-packages bench bench-priority loadtest loadtest-goodput clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,11 +60,12 @@ endif
 serve: install model engine
 	$(PY) -m llmserve.triton.launcher --model-dir $(MODEL_DIR) $(strip $(SERVE_FLAGS))
 
-# Debian's chromium and chromedriver for the chat page's browser test (as root with apt; else the test skips).
-browser:
-	sh tools/install_browser.sh
+# Debian's chromium, chromedriver (the chat page's browser test) and prometheus (the monitoring test),
+# as root with apt; else those tests skip with the reason.
+system-packages:
+	sh tools/install_system_packages.sh
 
-test: install model browser
+test: install model system-packages
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 # Side-by-side streaming benchmark: writes build/bench/results.{json,md,png}. Not part of `make test`.

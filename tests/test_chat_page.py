@@ -1,7 +1,7 @@
 """The chat page (llmserve/gateway/static/) in a real browser: Debian's headless Chromium driven by
 Selenium, against the `gateway` fixture (the front end before a real tritonserver).
 
-Skips, with the reason, where the browser or Selenium is missing (`make browser`, `make install`).
+Skips, with the reason, where the browser or Selenium is missing (`make system-packages`, `make install`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PAGE_FILE = REPO_ROOT / "llmserve" / "gateway" / "static" / "index.html"
 
-_MISSING = [f"{path} not found: run make browser" for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+_MISSING = [f"{path} not found: run make system-packages" for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(_MISSING), reason="; ".join(_MISSING))]
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: run make install")

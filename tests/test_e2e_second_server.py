@@ -38,7 +38,7 @@ def second_server(triton_server, gpt2_model_dir, tmp_path_factory):
     from llmserve.triton.launcher import TritonServer, model_env
 
     # The torch runtime end to end (the first server runs the default, onnxruntime).
-    env = model_env(str(gpt2_model_dir), "torch", max_num_seqs=1, max_queued_requests=1)
+    env = model_env(str(gpt2_model_dir), "torch", max_num_seqs=1, max_queued_requests=1, latency_histograms="false")
     with TritonServer(env=env, log_path=tmp_path_factory.mktemp("triton2") / "server.log") as server:
         yield server
 
@@ -70,3 +70,14 @@ def test_overload_is_answered_with_a_clear_rejection(second_server):
     assert all("overloaded" in r.error.message() for r in refused)
     assert all(r.num_output_tokens == 200 for r in served)
     assert run_stream(second_server.grpc_url, text_input="Hi", max_tokens=3, stream=False).error is None
+
+
+def test_latency_histograms_off_leave_the_counters(second_server):
+    from llmserve.triton.launcher import metric
+    from tests.test_e2e_metrics import HISTOGRAMS
+
+    assert run_stream(second_server.grpc_url, text_input="Hi", max_tokens=3, stream=False).error is None
+    assert metric(second_server.metrics_url, "llm_generated_tokens_total") > 0
+    for name in HISTOGRAMS:
+        with pytest.raises(KeyError):
+            metric(second_server.metrics_url, f"{name}_count")

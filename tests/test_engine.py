@@ -234,3 +234,31 @@ def test_packed_prefill_gives_the_same_tokens_as_one_at_a_time(engine_factory):
 
     together = generate(prompts)  # one packed prefill pass
     assert together == [generate([p])[0] for p in prompts]
+
+
+def test_latency_log_times_each_request_from_its_arrival(engine_factory):
+    import time
+
+    from llmserve.engine.latency import LatencyLog
+
+    engine = engine_factory(max_num_seqs=1)
+    engine.latency = LatencyLog()
+    arrival = time.monotonic() - 0.5  # as if it waited half a second in a server's inbox
+    first = engine.add_request("first", engine.encode("Once upon a time"), SamplingParams(max_tokens=6, min_tokens=6),
+                               arrival_time=arrival)
+    second_arrival = time.monotonic()
+    engine.add_request("second", engine.encode("The little dog"), SamplingParams(max_tokens=4, min_tokens=4),
+                       arrival_time=second_arrival)
+    while engine.has_unfinished():
+        engine.step()
+    requests, inter_token = engine.latency.drain()
+    assert engine.latency.drain() == ([], [])
+    by_tokens = {r.generation_tokens: r for r in requests}
+    assert sorted(by_tokens) == [4, 6]
+    one, two = by_tokens[6], by_tokens[4]
+    assert one.prompt_tokens == first.num_prompt_tokens
+    assert 0.5 <= one.queue_time <= one.ttft <= one.e2e
+    # One slot: the second request was admitted only after the first ended.
+    assert two.queue_time >= (arrival + one.e2e) - second_arrival
+    assert two.queue_time <= two.ttft <= two.e2e
+    assert len(inter_token) == (6 - 1) + (4 - 1) and all(gap > 0 for gap in inter_token)

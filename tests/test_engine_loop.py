@@ -259,3 +259,23 @@ def test_outbox_sends_first_outputs_then_finals_then_the_rest():
     assert outbox.take()[0] == 1
     outbox.put(5, "h", output(5))
     assert take_all() == [5, 2]
+
+
+def test_a_failing_after_step_does_not_stop_the_loop(engine_factory):
+    calls = []
+
+    def after_step(engine):
+        calls.append(engine.num_running)
+        raise RuntimeError("metrics exporter broke")
+
+    loop = EngineLoop(engine_factory(), send=lambda h, out: h.outputs.put(out), fail=lambda h, e: None,
+                      after_step=after_step)
+    loop.start()
+    try:
+        for i in range(2):  # the loop goes on serving after the first failure
+            handle = Handle()
+            loop.submit(handle, f"r{i}", loop.engine.encode("Once"), SamplingParams(max_tokens=6, min_tokens=6))
+            assert collect(handle)[-1].num_output_tokens == 6
+        assert len(calls) >= 12
+    finally:
+        loop.shutdown()

@@ -4,7 +4,7 @@ Starts tritonserver and the gateway on free ports (or uses a running gateway: --
 page in Debian's headless Chromium, asks two questions, waits for both answers and saves the PNG.
 
 Usage: python tools/screenshot_chat_page.py [--url http://127.0.0.1:9000] [--out PATH] [--dark]
-Needs /usr/bin/chromium and /usr/bin/chromedriver (`make browser`) and selenium (`make install`).
+Needs /usr/bin/chromium and /usr/bin/chromedriver (`make system-packages`) and selenium (`make install`).
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ class EngineLoop:
         self._is_cancelled = is_cancelled
         self._cancel_check_interval = cancel_check_interval
         self._after_step = after_step
+        self._after_step_failed = False
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._handles: dict[int, Handle] = {}  # seq_id -> handle, owned by the loop thread
         self._stopping = False
@@ -172,7 +173,12 @@ class EngineLoop:
                 self._fail_all(exc)
                 continue
             if self._after_step is not None:
-                self._after_step(self.engine)
+                try:
+                    self._after_step(self.engine)
+                except Exception:  # metrics must not stop the engine (logged once: it runs every step)
+                    if not self._after_step_failed:
+                        log.exception("after_step failed; later failures are not logged")
+                    self._after_step_failed = True
         for seq_id in list(self._handles):
             self._abort(_Abort(seq_id=seq_id))
 

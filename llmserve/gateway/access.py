@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 
 from .errors import GatewayError, error_response
 from .keys import KeyStore
+from .metrics import GatewayMetrics
 from .ratelimit import Admission, RateLimited, RateLimiter
 
 # The admitted request running in this context (None: no keys, or not a generation).
@@ -71,10 +72,11 @@ def retry_after(seconds: float) -> str:
 
 
 class AccessMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeyStore | None, limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyStore | None, limiter: RateLimiter, metrics: GatewayMetrics) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.keys is None or not is_protected(scope):
@@ -84,15 +86,18 @@ class AccessMiddleware:
         presented = bearer_token(scope)
         principal = self.keys.authenticate(presented)
         if principal is None:
+            self.metrics.refused("invalid_api_key")
             response = error_response(path, unauthorized(presented))
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
             return
+        scope.setdefault("state", {})["principal"] = principal
         admission = None
         if scope.get("method") == "POST":
             try:
                 admission = self.limiter.admit(principal)
             except RateLimited as exc:
+                self.metrics.refused(exc.code, principal.name)
                 response = error_response(path, rate_limited(exc))
                 response.headers.update(self.limiter.state(principal).headers())
                 response.headers["Retry-After"] = retry_after(exc.retry_after)
@@ -107,7 +112,6 @@ class AccessMiddleware:
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
-        scope.setdefault("state", {})["principal"] = principal
         token = current_admission.set(admission)
         try:
             await self.app(scope, receive, send_with_limits)

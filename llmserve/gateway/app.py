@@ -1,8 +1,9 @@
 """create_app(settings): the gateway's ASGI app.
 
 One `client.AsyncClient` per app, made in the lifespan and closed at shutdown; the routes reach
-Triton only through it. The page in static/ is served at /. With keys (settings.api_key or
-api_keys_file) AccessMiddleware is the outermost layer: nothing is read from an unknown caller.
+Triton only through it. The page in static/ is served at /, Prometheus metrics at /metrics. With
+keys (settings.api_key or api_keys_file) AccessMiddleware is the outermost layer but for
+MetricsMiddleware, which only counts: nothing is read from an unknown caller.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .access import AccessMiddleware
 from .errors import install_exception_handlers
 from .generation import ClientDisconnected
 from .keys import KeyStore
+from .metrics import METRICS_PATH, GatewayMetrics, MetricsMiddleware, metrics_endpoint
 from .middleware import BodyLimitMiddleware, JsonBodyMiddleware
 from .ratelimit import RateLimiter
 from .settings import GatewaySettings
@@ -42,6 +44,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     keys = key_store(settings)
     limiter = RateLimiter()
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,6 +60,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keys = keys
     app.state.limiter = limiter
+    app.state.metrics = metrics
     app.state.started_at = int(time.time())
     install_exception_handlers(app)
 
@@ -67,10 +71,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        idle_timeout=settings.stream_idle_timeout)
-    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter)  # outermost
-    app.include_router(routes_openai.router)
-    app.include_router(routes_tgi.router)
-    app.include_router(routes_ws.router)
+    app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter, metrics=metrics)
+    routers = (routes_openai.router, routes_tgi.router, routes_ws.router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics,  # outermost: refusals at the door count too
+                       route_paths=[route.path for router in routers for route in router.routes])
+    app.add_route(METRICS_PATH, metrics_endpoint, methods=["GET"], include_in_schema=False)
+    for router in routers:
+        app.include_router(router)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app

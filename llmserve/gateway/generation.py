@@ -23,6 +23,7 @@ from client.errors import BadRequestError, ClientError
 
 from .access import current_admission
 from .errors import cancelled_by_server, from_client_error, invalid_parameter
+from .metrics import current_timing
 from .translate import EngineRequest
 
 T = TypeVar("T")
@@ -62,8 +63,10 @@ async def stream_choice(client: AsyncClient, req: EngineRequest, index: int,
                         request_id: str) -> AsyncIterator[StreamChunk]:
     """Choice `index`'s chunks. A defaulted max_tokens that does not fit the context is lowered once
     to what fits (the room the server's error names); errors are raised as GatewayError. The tokens
-    are charged to the caller's API key as they come (the prompt once, with choice 0)."""
+    are charged to the caller's API key as they come (the prompt once, with choice 0); the first
+    token of any choice is the request's time to first token at the front end."""
     admission = current_admission.get()
+    timing = current_timing.get()
     max_tokens: int | None = None
     while True:
         started = False
@@ -79,6 +82,8 @@ async def stream_choice(client: AsyncClient, req: EngineRequest, index: int,
                     if not started:
                         _check_prompt_tokens(req, chunk)
                     started = True
+                    if timing is not None and chunk.num_output_tokens:
+                        timing.first_token()
                     if chunk.finish_reason == "cancelled":  # not by this caller, who is still listening
                         raise cancelled_by_server()
                     yield chunk

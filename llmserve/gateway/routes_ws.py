@@ -31,16 +31,18 @@ from .access import current_admission, rate_limited, refuse_websocket, retry_aft
 from .errors import GatewayError, from_client_error, invalid_parameter, validation_error
 from .generation import stream_choice
 from .keys import KeyStore
+from .metrics import GatewayMetrics, RequestTiming, current_timing
 from .openai_common import openai_finish, usage
 from .protocol_ws import DoneMessage, ErrorMessage, TokenMessage, WsRequest
 from .ratelimit import Admission, RateLimited, RateLimiter
 from .settings import GatewaySettings
-from .state import client_of, keys_of, limiter_of, settings_of
+from .state import client_of, keys_of, limiter_of, metrics_of, settings_of
 from .translate import EngineRequest, ws_request
 
 log = logging.getLogger("llmserve.gateway")
 router = APIRouter()
 
+WS_ROUTE = "/v1/ws"
 _CLOSED = object()
 
 
@@ -56,13 +58,14 @@ class _Progress:
 
 class _Session:
     def __init__(self, websocket: WebSocket, client: AsyncClient, settings: GatewaySettings,
-                 keys: KeyStore | None, limiter: RateLimiter) -> None:
+                 keys: KeyStore | None, limiter: RateLimiter, metrics: GatewayMetrics) -> None:
         self.websocket = websocket
         self.client = client
         self.settings = settings
         self.keys = keys
         self.presented_key = websocket_key(websocket) if keys is not None else None
         self.limiter = limiter
+        self.metrics = metrics
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.current: asyncio.Task | None = None
         self.stopped = False
@@ -142,6 +145,7 @@ class _Session:
             self.current.cancel()
 
     async def _serve(self, data: Any) -> None:
+        timing = RequestTiming(self.metrics, WS_ROUTE)  # from the request's arrival
         try:
             if not isinstance(data, dict):
                 raise invalid_parameter("A request must be a JSON object", None)
@@ -149,6 +153,7 @@ class _Session:
             if self.keys is not None:  # again for each generation: the key file may have changed
                 principal = self.keys.authenticate(self.presented_key)
                 if principal is None:
+                    self.metrics.refused("invalid_api_key")
                     self._closed()
                     await refuse_websocket(self.websocket, self.presented_key, accepted=True)
                     return
@@ -161,13 +166,14 @@ class _Session:
             await self.send_error(exc)
             return
         except RateLimited as exc:
+            self.metrics.refused(exc.code, principal.name)
             error = rate_limited(exc)
             await self.send(ErrorMessage(error={**error.openai_body()["error"],
                                                 "retry_after": int(retry_after(exc.retry_after))}))
             return
         progress = _Progress()
         self.stopped = False
-        self.current = task = asyncio.create_task(self._generate(req, progress, admission))
+        self.current = task = asyncio.create_task(self._generate(req, progress, admission, timing))
         try:
             await asyncio.wait({task})
         finally:
@@ -181,8 +187,10 @@ class _Session:
         elif (exc := task.exception()) is not None:
             await self.send_error(from_client_error(exc))
 
-    async def _generate(self, req: EngineRequest, progress: _Progress, admission: Admission | None) -> None:
+    async def _generate(self, req: EngineRequest, progress: _Progress, admission: Admission | None,
+                        timing: RequestTiming) -> None:
         current_admission.set(admission)  # this task's own context: stream_choice charges its tokens
+        current_timing.set(timing)  # and times its first token
         async with aclosing(stream_choice(self.client, req, 0, f"ws-{uuid.uuid4().hex}")) as chunks:
             async for chunk in chunks:
                 progress.prompt_tokens = chunk.num_input_tokens
@@ -197,11 +205,13 @@ class _Session:
                     return
 
 
-@router.websocket("/v1/ws")
+@router.websocket(WS_ROUTE)
 async def websocket_route(websocket: WebSocket) -> None:
     keys = keys_of(websocket)
     if keys is not None and keys.authenticate(presented := websocket_key(websocket)) is None:
+        metrics_of(websocket).refused("invalid_api_key")
         await refuse_websocket(websocket, presented, accepted=False)
         return
     await websocket.accept()
-    await _Session(websocket, client_of(websocket), settings_of(websocket), keys, limiter_of(websocket)).run()
+    await _Session(websocket, client_of(websocket), settings_of(websocket), keys, limiter_of(websocket),
+                   metrics_of(websocket)).run()

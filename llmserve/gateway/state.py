@@ -8,6 +8,7 @@ from starlette.requests import HTTPConnection
 from client import AsyncClient
 
 from .keys import KeyStore, Principal
+from .metrics import GatewayMetrics
 from .ratelimit import RateLimiter
 from .settings import GatewaySettings
 
@@ -35,3 +36,7 @@ def keys_of(connection: HTTPConnection) -> KeyStore | None:
 
 def limiter_of(connection: HTTPConnection) -> RateLimiter:
     return connection.app.state.limiter
+
+
+def metrics_of(connection: HTTPConnection) -> GatewayMetrics:
+    return connection.app.state.metrics

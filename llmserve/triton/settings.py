@@ -19,6 +19,8 @@ from llmserve.paths import DEFAULT_MODEL_DIR
 # Streaming responses per second over all sequences (`llmserve.triton.pacing`); a setting of
 # "none" sends one per step each.
 DEFAULT_MAX_STREAM_RESPONSES_PER_S = 500.0
+# Histogram observations per second (`llmserve.triton.metrics`): each is an IPC; above it, a sample.
+DEFAULT_MAX_METRIC_OBSERVATIONS_PER_S = 500.0
 
 
 def model_parameter(args: dict, key: str, default: str = "") -> str:
@@ -88,3 +90,16 @@ def max_stream_responses_per_s(args: dict) -> float | None:
     if not text:
         return DEFAULT_MAX_STREAM_RESPONSES_PER_S
     return None if text.lower() == "none" else float(text)
+
+
+def latency_histograms(args: dict) -> bool:
+    """The `llm` model's latency and token-count histograms (`llmserve.triton.metrics`); on by default."""
+    return parse_bool("latency_histograms", model_parameter(args, "latency_histograms", "true"))
+
+
+def max_metric_observations_per_s(args: dict) -> float:
+    text = model_parameter(args, "max_metric_observations_per_s")
+    value = float(text) if text else DEFAULT_MAX_METRIC_OBSERVATIONS_PER_S
+    if value <= 0:
+        raise ValueError(f"setting max_metric_observations_per_s must be > 0, got {text!r}")
+    return value

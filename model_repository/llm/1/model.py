@@ -16,7 +16,8 @@ from llmserve.triton.metrics import EngineMetrics
 from llmserve.triton.pacing import ResponseRatePacer
 from llmserve.triton.packing import OutputInfo, log_prob_arrays
 from llmserve.triton.parsing import parse_llm_request
-from llmserve.triton.settings import engine_config, max_stream_responses_per_s
+from llmserve.triton.settings import (engine_config, latency_histograms, max_metric_observations_per_s,
+                                      max_stream_responses_per_s)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -25,7 +26,9 @@ class TritonPythonModel:
     def initialize(self, args):
         rate = max_stream_responses_per_s(args)
         self.engine = LLMEngine(engine_config(args), pacer=ResponseRatePacer(rate) if rate else None)
-        self.metrics = EngineMetrics({"model": args["model_name"]})
+        self.metrics = EngineMetrics({"model": args["model_name"]}, max_model_len=self.engine.max_model_len,
+                                     histograms=latency_histograms(args),
+                                     max_observations_per_s=max_metric_observations_per_s(args))
         self.loop = EngineLoop(self.engine, send=self._send, fail=self._fail,
                                is_cancelled=lambda sender: sender.is_cancelled(),
                                after_step=self.metrics.update)
@@ -72,3 +75,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.shutdown()
+        self.metrics.close()
