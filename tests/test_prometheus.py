@@ -204,6 +204,21 @@ def test_every_dashboard_query_returns_data(stack, traffic):
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
 
+def test_every_prometheus_adapter_rule_returns_data(stack, traffic):
+    """The HPA's metrics queries (deploy/k8s/prometheus-adapter), as the adapter renders them for one
+    pod: here the series carry `job` and `instance` where Kubernetes' carry `namespace` and `pod`."""
+    prometheus = stack[0]
+    values = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
+    rules = values["rules"]["custom"]
+    assert len(rules) >= 3
+    for rule in rules:
+        series = rule["seriesQuery"].split("{")[0]
+        query = (rule["metricsQuery"].replace("<<.Series>>", series)
+                 .replace("<<.LabelMatchers>>", 'job="triton"').replace("<<.GroupBy>>", "instance"))
+        result = prometheus.query(query, traffic)
+        assert len(result) == 1 and math.isfinite(float(result[0]["value"][1])), f"{query}: {result}"
+
+
 def test_the_dashboard_plot_draws_every_panel(stack, traffic, tmp_path):
     prometheus = stack[0]
     out = tmp_path / "dashboard.png"

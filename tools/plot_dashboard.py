@@ -70,6 +70,7 @@ def plot(prometheus: str, out: Path, minutes: float, rate_interval: str, end: fl
                             label=legend(fmt, series["metric"]))
                     drawn = True
         with_data += drawn
+        ax.set_xlim(-minutes, 0)
         ax.set_title(title if drawn else f"{title} (no data)", fontsize=9)
         ax.set_xlabel("minutes", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -88,11 +89,12 @@ def plot(prometheus: str, out: Path, minutes: float, rate_interval: str, end: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prometheus", default="http://localhost:9090")
-    parser.add_argument("--minutes", type=float, default=15.0, help="the time range, ending now")
+    parser.add_argument("--minutes", type=float, default=15.0, help="the time range")
+    parser.add_argument("--end", type=float, default=None, help="its end (Unix seconds; default now)")
     parser.add_argument("--rate-interval", default="1m", help="what Grafana's $__rate_interval becomes")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "monitoring" / "dashboard.png")
     args = parser.parse_args()
-    with_data = plot(args.prometheus.rstrip("/"), args.out, args.minutes, args.rate_interval)
+    with_data = plot(args.prometheus.rstrip("/"), args.out, args.minutes, args.rate_interval, args.end)
     print(f"{args.out}: {with_data} panels with data")
 
 

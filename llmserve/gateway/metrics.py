@@ -2,8 +2,8 @@
 per app).
 
 `MetricsMiddleware` (outermost, so refusals at the door count too) counts every HTTP response by
-route template, method, status and API key name, times it, and keeps the SSE streams and WebSockets
-open. The time to first token is measured here as a client sees it: from the request's arrival to
+route template, method, status and API key name, times it, and gauges the SSE streams and
+WebSockets open. The time to first token is measured here as a client sees it: from the request's arrival to
 the first generated token the front end has from Triton (`first_token`, called by the generation
 code through `current_timing`; for a WebSocket, from each generation's request message).
 """
@@ -55,7 +55,7 @@ class GatewayMetrics:
 @dataclass(slots=True)
 class RequestTiming:
     """One generation's clock at the front end: `first_token()` observes the TTFT once. `route`: the
-    route's label, or the HTTP scope whose route it is (known once routed, before the first token)."""
+    route's label, or a function giving it (an HTTP request's is known once routed, before its first token)."""
 
     metrics: GatewayMetrics
     route: str | Callable[[], str]
@@ -69,7 +69,7 @@ class RequestTiming:
             self.metrics.time_to_first_token.labels(route).observe(time.monotonic() - self.start)
 
 
-# The generation running in this context (None: metrics off, or no generation).
+# The request or WebSocket generation running in this context (None: outside one).
 current_timing: ContextVar[RequestTiming | None] = ContextVar("current_timing", default=None)
 
 
