@@ -27,12 +27,14 @@ INSTRUCTIONS = ["Continue this story:", "Read the story and write what happens n
                 "Here is a story my son wrote. Please write another one like it.", "Story:"]
 
 
-def _long_prompt(rng: random.Random) -> str:
+def long_prompt(rng: random.Random) -> str:
+    """An instruction, then one to three stories (100-400 tokens)."""
     stories = [make_story(rng) for _ in range(rng.choice((1, 1, 2, 3)))]
     return rng.choice(INSTRUCTIONS) + "\n\n" + "\n\n".join(stories)
 
 
-def _max_tokens(rng: random.Random) -> int:
+def draw_max_tokens(rng: random.Random) -> int:
+    """A log-normal output length around MAX_TOKENS_MEDIAN, clipped to MAX_TOKENS_RANGE."""
     low, high = MAX_TOKENS_RANGE
     drawn = math.exp(rng.gauss(math.log(MAX_TOKENS_MEDIAN), MAX_TOKENS_SIGMA))
     return int(min(max(round(drawn), low), high))
@@ -48,8 +50,8 @@ def make_prompts(seed: int = SEED, count: int = NUM_PROMPTS) -> list[Prompt]:
         elif kind < 0.75:
             text = rng.choice(STORY_OPENINGS)
         else:
-            text = _long_prompt(rng)
-        prompts.append(Prompt(text, _max_tokens(rng)))
+            text = long_prompt(rng)
+        prompts.append(Prompt(text, draw_max_tokens(rng)))
     return prompts
 
 
