@@ -17,10 +17,14 @@ from bench.records import RequestRecord
 
 
 async def openai_sse_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int,
-                             min_tokens: int, *, text_parts: list[str] | None = None) -> RequestRecord:
-    """Stream one completion from `url` (http://HOST:PORT); failures land in `record.error`."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "min_tokens": min_tokens, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+                             min_tokens: int | None, *, text_parts: list[str] | None = None,
+                             extra: dict | None = None) -> RequestRecord:
+    """Stream one completion from `url` (http://HOST:PORT); failures land in `record.error`. `extra`:
+    more body fields (what fixes the output's length on a server without `min_tokens`)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **(extra or {})}
+    if min_tokens is not None:
+        body["min_tokens"] = min_tokens
     record = RequestRecord(start=time.perf_counter())
     try:
         async with session.post(f"{url}/v1/completions", json=body) as response:

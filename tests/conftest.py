@@ -59,7 +59,8 @@ def triton_server(default_model_dir, tmp_path_factory):
     from llmserve.triton.launcher import TritonServer, model_env
 
     log = tmp_path_factory.mktemp("triton") / "server.log"
-    with TritonServer(env=model_env(str(default_model_dir)), log_path=log) as server:
+    # Every inter-token gap observed (the default is a sample): tests/test_e2e_metrics.py counts them.
+    with TritonServer(env=model_env(str(default_model_dir), inter_token_sample_fraction=1), log_path=log) as server:
         yield server
 
 

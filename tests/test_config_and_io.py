@@ -151,3 +151,22 @@ def test_boolean_settings_parse_or_name_the_setting():
     assert parse_bool("x", " True") and parse_bool("x", "1") and not parse_bool("x", "off")
     with pytest.raises(ValueError, match="enable_prefix_caching must be true or false"):
         parse_bool("enable_prefix_caching", "maybe")
+
+
+@pytest.mark.parametrize("text, expected", [("", 0.0625), ("1", 1.0), ("0.25", 0.25), ("0", None), ("1.5", None),
+                                            ("nan", None), ("inf", None)])
+def test_metric_settings_take_defaults_or_refuse_by_name(monkeypatch, text, expected):
+    import json
+
+    from llmserve.triton.settings import inter_token_sample_fraction, latency_histograms
+
+    args = {"model_config": json.dumps({"parameters": {}})}
+    monkeypatch.setenv("LLM_INTER_TOKEN_SAMPLE_FRACTION", text)
+    if expected is None:
+        with pytest.raises(ValueError, match="inter_token_sample_fraction must be in"):
+            inter_token_sample_fraction(args)
+    else:
+        assert inter_token_sample_fraction(args) == expected
+    assert latency_histograms(args) is True
+    monkeypatch.setenv("LLM_LATENCY_HISTOGRAMS", "off")
+    assert latency_histograms(args) is False

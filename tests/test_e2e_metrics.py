@@ -34,7 +34,7 @@ def _value(url: str, name: str) -> float:
 
 def test_histograms_count_every_request_and_token(triton_server):
     url = triton_server.metrics_url
-    assert _wait_for(lambda: _value(url, "llm_active_sequences") == 0, 10)
+    assert _wait_for(lambda: _value(url, "llm_active_sequences") == _value(url, "llm_waiting_sequences") == 0, 10)
     before = {f"{name}_{part}": _value(url, f"{name}_{part}") for name in HISTOGRAMS for part in ("count", "sum")}
     finished_before = _value(url, "llm_requests_finished_total")
     lengths = [3, 7, 12]

@@ -96,7 +96,7 @@ def test_open_streams_and_websockets_are_gauged(keyed):
 
 
 def test_metrics_need_no_key_and_are_not_counted(keyed):
-    before = value(keyed, "gateway_requests_total", route="/metrics")
+    before = value(keyed, "gateway_requests_total")  # over every label: a scrape is counted nowhere
     with urllib.request.urlopen(f"{keyed.url}/metrics", timeout=5) as response:
         assert response.status == 200
-    assert value(keyed, "gateway_requests_total", route="/metrics") == before == 0
+    assert value(keyed, "gateway_requests_total") == before

@@ -88,9 +88,8 @@ def stack(default_model_dir, gateway_process, tmp_path_factory):
     """tritonserver (2 slots, 2 queue places: overload and preemption are easy to reach), a keyed front
     end before it, a front end whose Triton is unreachable (503s), and Prometheus scraping all three."""
     tmp = tmp_path_factory.mktemp("prometheus-stack")
-    # Every observation kept (no sampling), so the histograms' counts can be checked exactly.
-    env = model_env(str(default_model_dir), max_num_seqs=2, max_queued_requests=2,
-                    max_metric_observations_per_s=1_000_000)
+    # Every inter-token gap observed (the default is a sample), so the counts can be checked exactly.
+    env = model_env(str(default_model_dir), max_num_seqs=2, max_queued_requests=2, inter_token_sample_fraction=1)
     keys = tmp / "keys.toml"
     keys.write_text(f'[keys.team-a]\nkey = "{KEY}"\n\n[keys.team-b]\nkey = "{KEY_RPM}"\nrequests_per_minute = 1\n')
     with TritonServer(env=env, log_path=tmp / "triton.log") as triton, \

@@ -298,13 +298,13 @@ class LLMEngine:
     def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None,
                      now: float) -> RequestOutput | None:
         params = seq.params
+        if token in seq.stop_ids:  # the sampler bans these before min_tokens
+            return self._finish(seq, "stop")  # not an output token: neither counted nor timed
         if seq.first_token_time is None:
             seq.first_token_time = now
         elif self.latency is not None:
             self.latency.inter_token.append(now - seq.last_token_time)
         seq.last_token_time = now
-        if token in seq.stop_ids:  # the sampler bans these before min_tokens
-            return self._finish(seq, "stop")
         seq.append(token, logprobs)
         self.stats.generated_tokens += 1
         unit = seq.detokenizer.step()

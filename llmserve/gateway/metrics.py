@@ -1,4 +1,4 @@
-"""The front end's Prometheus metrics, on its own port at `/metrics` (prometheus_client, one registry
+"""The front end's Prometheus metrics at `/metrics` on the API's port (prometheus_client, one registry
 per app).
 
 `MetricsMiddleware` (outermost, so refusals at the door count too) counts every HTTP response by
@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmserve.histogram_buckets import REQUEST_TIME_BUCKETS, TTFT_BUCKETS
 
 METRICS_PATH = "/metrics"
+_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})  # any other: "other"
 STATIC_ROUTE = "static"
 
 
@@ -121,7 +122,7 @@ class MetricsMiddleware:
         m = self.metrics
         timing = RequestTiming(m, lambda: self.route_label(scope))
         token = current_timing.set(timing)
-        status, stream_route = 500, None
+        status, stream_route = 0, None  # 0: ended before any response (cancelled, or the client left)
 
         async def send_counted(message: Message) -> None:
             nonlocal status, stream_route
@@ -141,7 +142,8 @@ class MetricsMiddleware:
             if stream_route is not None:
                 m.open_streams.labels(stream_route).dec()
             route = self.route_label(scope)
-            m.requests.labels(route, scope.get("method", ""), str(status), key_label(scope)).inc()
+            method = scope.get("method", "")
+            m.requests.labels(route, method if method in _METHODS else "other", str(status), key_label(scope)).inc()
             m.request_duration.labels(route).observe(time.monotonic() - timing.start)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class _Session:
                     return
                 if message is _CLOSED or self.closed:
                     return
-                await self._serve(message)
+                await self._serve(*message)
         finally:
             reader.cancel()
             if self.current is not None:
@@ -133,7 +134,7 @@ class _Session:
                 if isinstance(data, dict) and data.get("type") == "stop":
                     self._stop()
                 else:
-                    self.queue.put_nowait(data)
+                    self.queue.put_nowait((time.monotonic(), data))  # its arrival: the TTFT starts here
         except Exception:  # noqa: BLE001 (a dropped connection)
             pass
         finally:
@@ -144,8 +145,8 @@ class _Session:
             self.stopped = True
             self.current.cancel()
 
-    async def _serve(self, data: Any) -> None:
-        timing = RequestTiming(self.metrics, WS_ROUTE)  # from the request's arrival
+    async def _serve(self, arrived: float, data: Any) -> None:
+        timing = RequestTiming(self.metrics, WS_ROUTE, start=arrived)
         try:
             if not isinstance(data, dict):
                 raise invalid_parameter("A request must be a JSON object", None)

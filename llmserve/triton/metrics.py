@@ -6,11 +6,10 @@ Every metric update is an IPC to the server process, so the engine thread only t
 `llmserve.histogram_buckets`) are observed from the engine's own timestamps (`LLMEngine.latency`),
 so they do not depend on a client.
 
-Each observation is an IPC that holds the GIL, so histograms get at most `max_observations_per_s`
-(a bucket of one second's worth): below it every request and every inter-token gap is observed;
-above it a uniform random sample is, which leaves quantiles and means unbiased but makes a
-histogram's `_count` a sample count (request and token totals are the counters'). A request's
-observations are taken together, and before any gap.
+Each observation is an IPC that holds the GIL. Every request is observed (five per request: a few
+hundred per second at most on a CPU); of the inter-token gaps, one per token, each is observed with
+probability `inter_token_sample_fraction`, the same at any load, so the ITL histogram's quantiles and
+mean stay unbiased while its `_count` is a sample count (token totals are the counters').
 """
 
 from __future__ import annotations
@@ -38,34 +37,14 @@ HISTOGRAMS = {  # name: (help, buckets; None = token counts up to the context)
 }
 
 
-class ObservationBudget:
-    """Observations allowed: up to one second's worth at once, refilled at `per_s`."""
-
-    def __init__(self, per_s: float) -> None:
-        self.per_s = per_s
-        self.level = per_s
-        self.updated = time.monotonic()
-
-    def take(self, wanted: int, cost: int = 1) -> int:
-        """How many of `wanted` items, `cost` observations each, may be observed now."""
-        now = time.monotonic()
-        self.level = min(self.per_s, self.level + (now - self.updated) * self.per_s)
-        self.updated = now
-        granted = max(0, min(wanted, int(self.level // cost)))
-        self.level -= granted * cost
-        return granted
-
-
-def sample(items: list, k: int) -> list:
-    return items if k >= len(items) else random.sample(items, k)
-
-
 class EngineMetrics:
     """`update` from the engine thread after each step; `close` at finalize. `histograms=False`: the
     gauges and counters only (the engine keeps no latency log)."""
 
     def __init__(self, labels: dict[str, str], *, max_model_len: int, histograms: bool = True,
-                 max_observations_per_s: float = 500.0, interval: float = 0.05) -> None:
+                 inter_token_sample_fraction: float = 1.0, interval: float = 0.05) -> None:
+        if not 0 < inter_token_sample_fraction <= 1:
+            raise ValueError(f"inter_token_sample_fraction must be in (0, 1], got {inter_token_sample_fraction}")
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         # The families are kept: a Metric whose MetricFamily was freed fails every call.
         self._families = {
@@ -95,7 +74,7 @@ class EngineMetrics:
                 family = self._families[name] = pb_utils.MetricFamily(name, description,
                                                                        pb_utils.MetricFamily.HISTOGRAM)
                 self._histograms[name] = family.Metric(labels=labels, buckets=buckets or tokens)
-        self._budget = ObservationBudget(max_observations_per_s)
+        self._itl_fraction = inter_token_sample_fraction
         self._last: dict[str, float] = {}
         self._interval = interval
         self._next_flush = 0.0
@@ -124,8 +103,10 @@ class EngineMetrics:
             self._inter_token.extend(inter_token)
         self._wake.set()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Send what is left, then stop the export thread."""
+    def close(self, engine: LLMEngine, timeout: float = 5.0) -> None:
+        """Hand over the engine's last state (requests ended at shutdown), send it, stop the thread."""
+        self._next_flush = 0.0
+        self.update(engine)
         self._closed = True
         self._wake.set()
         self._thread.join(timeout)
@@ -134,25 +115,29 @@ class EngineMetrics:
         while True:
             self._wake.wait()
             self._wake.clear()
+            closed = self._closed  # read before taking the buffers: what was handed over before close goes too
             with self._lock:
                 snapshot, self._snapshot = self._snapshot, None
                 requests, self._requests = self._requests, []
                 inter_token, self._inter_token = self._inter_token, []
+            # Apart: a failing histogram must not stop the gauges and counters (the autoscaler's).
             try:
                 self._observe(requests, inter_token)
+            except Exception:
+                log.exception("observing the latency histograms failed")
+            try:
                 if snapshot is not None:
                     self._export(snapshot)
-            except Exception:  # a metric that fails must not stop the others (nor the engine)
-                log.exception("exporting metrics failed")
-            if self._closed:
+            except Exception:
+                log.exception("exporting the engine metrics failed")
+            if closed:
                 return
 
     def _observe(self, requests: list[RequestLatency], inter_token: list[float]) -> None:
         if not self._histograms:
             return
         h = self._histograms
-        per_request = len(HISTOGRAMS) - 1  # all but the inter-token one
-        for request in sample(requests, self._budget.take(len(requests), per_request)):
+        for request in requests:
             if request.ttft is not None:
                 h["llm_time_to_first_token_seconds"].observe(request.ttft)
             h["llm_e2e_request_latency_seconds"].observe(request.e2e)
@@ -160,8 +145,10 @@ class EngineMetrics:
             h["llm_request_prompt_tokens"].observe(request.prompt_tokens)
             h["llm_request_generation_tokens"].observe(request.generation_tokens)
         itl = h["llm_inter_token_latency_seconds"]
-        for gap in sample(inter_token, self._budget.take(len(inter_token))):
-            itl.observe(gap)
+        fraction = self._itl_fraction
+        for gap in inter_token:
+            if fraction == 1.0 or random.random() < fraction:
+                itl.observe(gap)
 
     def _export(self, snapshot: EngineSnapshot) -> None:
         self._set("running", snapshot.num_running)

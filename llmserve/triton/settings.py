@@ -19,8 +19,8 @@ from llmserve.paths import DEFAULT_MODEL_DIR
 # Streaming responses per second over all sequences (`llmserve.triton.pacing`); a setting of
 # "none" sends one per step each.
 DEFAULT_MAX_STREAM_RESPONSES_PER_S = 500.0
-# Histogram observations per second (`llmserve.triton.metrics`): each is an IPC; above it, a sample.
-DEFAULT_MAX_METRIC_OBSERVATIONS_PER_S = 500.0
+# The share of inter-token gaps the ITL histogram observes (`llmserve.triton.metrics`): each is an IPC.
+DEFAULT_INTER_TOKEN_SAMPLE_FRACTION = 0.0625
 
 
 def model_parameter(args: dict, key: str, default: str = "") -> str:
@@ -97,9 +97,9 @@ def latency_histograms(args: dict) -> bool:
     return parse_bool("latency_histograms", model_parameter(args, "latency_histograms", "true"))
 
 
-def max_metric_observations_per_s(args: dict) -> float:
-    text = model_parameter(args, "max_metric_observations_per_s")
-    value = float(text) if text else DEFAULT_MAX_METRIC_OBSERVATIONS_PER_S
-    if value <= 0:
-        raise ValueError(f"setting max_metric_observations_per_s must be > 0, got {text!r}")
+def inter_token_sample_fraction(args: dict) -> float:
+    text = model_parameter(args, "inter_token_sample_fraction")
+    value = float(text) if text else DEFAULT_INTER_TOKEN_SAMPLE_FRACTION
+    if not 0 < value <= 1:  # also refuses nan
+        raise ValueError(f"setting inter_token_sample_fraction must be in (0, 1], got {text!r}")
     return value

@@ -16,7 +16,7 @@ from llmserve.triton.metrics import EngineMetrics
 from llmserve.triton.pacing import ResponseRatePacer
 from llmserve.triton.packing import OutputInfo, log_prob_arrays
 from llmserve.triton.parsing import parse_llm_request
-from llmserve.triton.settings import (engine_config, latency_histograms, max_metric_observations_per_s,
+from llmserve.triton.settings import (engine_config, inter_token_sample_fraction, latency_histograms,
                                       max_stream_responses_per_s)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -28,7 +28,7 @@ class TritonPythonModel:
         self.engine = LLMEngine(engine_config(args), pacer=ResponseRatePacer(rate) if rate else None)
         self.metrics = EngineMetrics({"model": args["model_name"]}, max_model_len=self.engine.max_model_len,
                                      histograms=latency_histograms(args),
-                                     max_observations_per_s=max_metric_observations_per_s(args))
+                                     inter_token_sample_fraction=inter_token_sample_fraction(args))
         self.loop = EngineLoop(self.engine, send=self._send, fail=self._fail,
                                is_cancelled=lambda sender: sender.is_cancelled(),
                                after_step=self.metrics.update)
@@ -75,4 +75,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.shutdown()
-        self.metrics.close()
+        self.metrics.close(self.engine)
