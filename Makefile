@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model engine serve test system-packages bench bench-priority loadtest loadtest-goodput clean
+.PHONY: install model engine serve test system-packages bench bench-priority bench-openloop loadtest loadtest-goodput clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ bench: install model
 PRIORITY_BENCH_ARGS ?=
 bench-priority: install model
 	$(PY) -m bench.priority --model-dir $(MODEL_DIR) $(PRIORITY_BENCH_ARGS)
+
+# Open loop on realistic workloads, through the OpenAI endpoint: build/bench/openloop.{json,md,png}.
+bench-openloop: install model
+	$(PY) -m bench.openloop --model-dir $(MODEL_DIR) $(OPENLOOP_BENCH_ARGS)
 
 # Locust over the gRPC stream, headless: writes build/loadtest/ (locust CSVs, report.html, summary.md).
 # Starts a server on free ports unless HOST=host:port names a running one (METRICS_URL: its metrics).
