@@ -13,3 +13,16 @@ from __future__ import annotations
 from llmserve.paths import BUILD_DIR
 
 PEERS_DIR = BUILD_DIR / "peers"
+
+
+def run_logged(steps: list[list[str]], log_path, what: str) -> str | None:
+    """Run each command in turn, their output to `log_path`; why it failed (naming the log), or None."""
+    import subprocess
+
+    with open(log_path, "w") as log:
+        for step in steps:
+            log.write(f"$ {' '.join(step)}\n")
+            log.flush()
+            if subprocess.run(step, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                return f"{what} failed: see {log_path}"
+    return None

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.peers import PEERS_DIR
+from bench.peers import PEERS_DIR, run_logged
 from llmserve.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from llmserve.triton.launcher import ServerProcess, free_port
 
@@ -69,15 +69,12 @@ def setup(model_dir: str | os.PathLike = DEFAULT_MODEL_DIR) -> str | None:
     if MARKER.is_file() and MARKER.read_text() == pins and transformers_cli().is_file():
         return None
     PEER_DIR.mkdir(parents=True, exist_ok=True)
-    with open(SETUP_LOG, "w") as log:
-        steps = ([sys.executable, "-m", "venv", "--clear", str(VENV)],
-                 [str(VENV / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                  "-r", str(REQUIREMENTS)])
-        for step in steps:
-            log.write(f"$ {' '.join(step)}\n")
-            log.flush()
-            if subprocess.run(step, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                return f"installing transformers serve failed: see {SETUP_LOG}"
+    steps = [[sys.executable, "-m", "venv", "--clear", str(VENV)],
+             [str(VENV / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+              "-r", str(REQUIREMENTS)]]
+    failed = run_logged(steps, SETUP_LOG, "installing transformers serve")
+    if failed:
+        return failed
     MARKER.write_text(pins)
     return None
 
