@@ -21,10 +21,16 @@ from pathlib import Path
 
 from bench import engine_limit, loadgen, report
 from bench.metrics import summarize
+from bench.peers import PEERS, available_peers
 from llmserve.engine.config import DEFAULT_MAX_NUM_SEQS, DEFAULT_RUNTIME
 from llmserve.paths import BUILD_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
 from llmserve.triton.gc_freeze import freeze_startup_objects
 from measure.prompts import BENCH_PROMPTS
+
+
+DEFAULT_SYSTEMS = "engine,triton,gateway,naive,llama.cpp,vllm,transformers"
+# Prompts whose greedy texts are compared across the systems on the OpenAI endpoint.
+GREEDY_CHECK_PROMPTS = 4
 
 
 def _levels(text: str) -> list[int]:
@@ -154,7 +160,48 @@ class LlmDirectSystem(TritonSystem):
         return await self.client.request(prompt, self.args.max_tokens, self.args.max_tokens)
 
 
-class GatewaySystem(_ServedSystem):
+class _OpenAISystem(_ServedSystem):
+    """A server driven over its OpenAI `/v1/completions` (SSE), as users' clients reach it: every
+    output exactly `--max-tokens` long and greedy, by whatever fields do that on that server."""
+
+    model = "default"
+    reuses_connections = True
+
+    def __init__(self, args, name: str, server) -> None:
+        super().__init__(args, name, server)
+        self.session = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def fixed_length_fields(self, n: int) -> dict:
+        return self.server.fixed_length_fields(n)
+
+    async def request(self, prompt: str, text_parts: list[str] | None = None):
+        from bench.openai_driver import new_session, openai_sse_request
+
+        if self.session is None:
+            self.session = new_session(self.reuses_connections)
+        fields = self.fixed_length_fields(self.args.max_tokens)
+        return await openai_sse_request(self.session, self.url, self.model, prompt, fields.pop("max_tokens"),
+                                        fields.pop("min_tokens", None), text_parts=text_parts, extra=fields)
+
+    def greedy_texts(self, prompts: list[str]) -> list[str]:
+        """Each prompt's text, one request at a time."""
+        texts = []
+        for prompt in prompts:
+            parts: list[str] = []
+            record = self.loop.run_until_complete(self.request(prompt, parts))
+            texts.append(f"<error: {record.error}>" if record.error else "".join(parts))
+        return texts
+
+    def close_client(self) -> None:
+        if self.session is not None:
+            self.loop.run_until_complete(self.session.close())
+
+
+class GatewaySystem(_OpenAISystem):
     """The front end (llmserve.gateway) over SSE, in front of the `triton` system's server: the same
     engine reached through one more hop (HTTP in, gRPC to Triton)."""
 
@@ -165,27 +212,24 @@ class GatewaySystem(_ServedSystem):
         self.triton = triton
         super().__init__(args, "gateway", GatewayServer(triton.server.grpc_url, log_path=args.out / "gateway.log",
                                                         extra_args=["--served-model-name", self.model]))
-        self.session = None
+
+    def fixed_length_fields(self, n: int) -> dict:
+        return {"max_tokens": n, "min_tokens": n, "temperature": 0}
 
     def run_level(self, concurrency: int, per_worker: int | None = None):
         # The server's finished-request counter counts these too: triton's prompt_tokens waits for it.
         self.triton.requests_sent += concurrency * (per_worker or requests_per_worker(self.args, concurrency))
         return super().run_level(concurrency, per_worker)
 
-    async def request(self, prompt: str):
-        import aiohttp
 
-        from bench.openai_driver import openai_sse_request
+class PeerSystem(_OpenAISystem):
+    """Another server users would pick instead (bench.peers), on its OpenAI endpoint, with as many
+    sequences at once as this server's slots."""
 
-        if self.session is None:  # made inside the loop it belongs to; no limit on open connections
-            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                 timeout=aiohttp.ClientTimeout(total=600))
-        return await openai_sse_request(self.session, self.server.url, self.model, prompt, self.args.max_tokens,
-                                        self.args.max_tokens)
-
-    def close_client(self) -> None:
-        if self.session is not None:
-            self.loop.run_until_complete(self.session.close())
+    def __init__(self, args, name: str, server) -> None:
+        super().__init__(args, name, server)
+        self.model = server.model
+        self.reuses_connections = getattr(server, "reuses_connections", True)
 
 
 class NaiveSystem(_ServedSystem):
@@ -229,7 +273,7 @@ def _store(results: dict, system: str, concurrency: int, summary: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
-    parser.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 32, 64])
+    parser.add_argument("--concurrency", type=_levels, default=[1, 8, 32])
     parser.add_argument("--runtime", default=DEFAULT_RUNTIME,
                         help="runtime of the engine and the server (a --variant may set another)")
     parser.add_argument("--max-tokens", type=int, default=64, help="also min_tokens: every request the same length")
@@ -241,10 +285,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "concurrency (0: none): a server that idled serves its next burst slower")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each level per system, interleaved across systems; latencies pooled")
-    parser.add_argument("--systems", default="engine,triton,gateway,naive",
+    parser.add_argument("--systems", default=DEFAULT_SYSTEMS,
                         help="any of engine, triton, gateway (the front end over SSE, in front of triton's "
-                             "server: needs triton), naive and llm-direct (this server's `llm` model called "
-                             "directly: the transport's floor)")
+                             "server: needs triton), naive, llm-direct (this server's `llm` model called "
+                             f"directly: the transport's floor) and the peers {', '.join(PEERS)} (set up on "
+                             "first use under build/peers/; one that cannot be had is reported and skipped)")
     parser.add_argument("--out", type=Path, default=BUILD_DIR / "bench")
     parser.add_argument("--engine-transit-ms", type=_transit, default=None, metavar="LOW,HIGH",
                         help="also run the in-process engine with each replacement request arriving LOW-HIGH ms "
@@ -268,12 +313,16 @@ def new_results(args) -> dict:
     }
 
 
-def make_systems(args) -> list:
+def make_systems(args, unavailable: dict[str, str] | None = None) -> list:
     """The systems under test, in the order they start and take their turns."""
     factories = {"engine": lambda: EngineSystem(args), "triton": lambda: TritonSystem(args),
                  "naive": lambda: NaiveSystem(args), "llm-direct": lambda: LlmDirectSystem(args)}
     names = args.systems.split(",")
-    systems = [factories[name]() for name in names if name != "gateway"]
+    unknown = [name for name in names if name not in factories and name not in PEERS and name != "gateway"]
+    if unknown:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown)} "
+                         f"(known: {', '.join([*factories, 'gateway', *PEERS])})")
+    systems = [factories[name]() for name in names if name in factories]
     if "gateway" in names:
         triton = next((s for s in systems if s.name == "triton"), None)
         if triton is None:
@@ -282,7 +331,23 @@ def make_systems(args) -> list:
     systems += [TritonSystem(args, name, settings) for name, settings in args.variant]
     if args.engine_transit_ms is not None:
         systems.append(EngineSystem(args, args.engine_transit_ms))
-    return systems
+    # Peers get as many sequences at once as this server's slots.
+    peers = available_peers([name for name in names if name in PEERS], args.model_dir, DEFAULT_MAX_NUM_SEQS,
+                            args.out, unavailable if unavailable is not None else {})
+    return systems + [PeerSystem(args, name, server) for name, server in peers.items()]
+
+
+def greedy_text_matches(systems: list) -> dict[str, bool]:
+    """Whether each system on the OpenAI endpoint writes the same greedy text as the first of them
+    (the front end, where it runs) for the first prompts."""
+    openai = [s for s in systems if isinstance(s, _OpenAISystem)]
+    texts = {s.name: s.greedy_texts(BENCH_PROMPTS[:GREEDY_CHECK_PROMPTS]) for s in openai}
+    reference = next(iter(texts.values()), None)
+    for name, got in texts.items():
+        if got != reference:
+            print(f"  {name}: greedy text differs from {openai[0].name}'s: {got[0][:80]!r} vs "
+                  f"{reference[0][:80]!r}", file=sys.stderr, flush=True)
+    return {name: got == reference for name, got in texts.items()}
 
 
 def run_sweep(args, systems: list, results: dict) -> None:
@@ -292,6 +357,7 @@ def run_sweep(args, systems: list, results: dict) -> None:
             print(f"starting {system.name}", file=sys.stderr, flush=True)
             stack.enter_context(system)
         freeze_startup_objects()  # the load generator's own GC pauses would blur every system's figures
+        results["greedy_text_matches"] = greedy_text_matches(systems)
         engine = next((s for s in systems if s.name == "engine"), None)
         if engine is not None:
             results["prefill_ms"] = engine_limit.prefill_ms(engine.engine, BENCH_PROMPTS[0])
@@ -350,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = new_results(args)
-    run_sweep(args, make_systems(args), results)
+    results["unavailable"] = {}
+    run_sweep(args, make_systems(args, results["unavailable"]), results)
     write_results(results, args.out)
 
 

@@ -23,11 +23,14 @@ from bench import workloads
 from bench.goodput import Slo, goodput
 from bench.loadgen import run_open_loop
 from bench.metrics import summarize
+from bench.peers import PEERS, available_peers
 from bench.records import RequestRecord
+from llmserve.engine.config import DEFAULT_MAX_NUM_SEQS
 from llmserve.paths import BUILD_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
 from measure.prompts import Prompt
 
 WORKLOADS = {"distinct": workloads.distinct, "shared-prefix": workloads.shared_prefix}
+DEFAULT_SYSTEMS = "llmserve,llmserve[no-prefix-cache],llama.cpp,vllm,transformers"
 
 
 class ThisServer:
@@ -70,13 +73,10 @@ class OpenAIClient:
         self.session = None
 
     async def request(self, prompt: Prompt, text_parts: list[str] | None = None) -> RequestRecord:
-        import aiohttp
-
-        from bench.openai_driver import openai_sse_request
+        from bench.openai_driver import new_session, openai_sse_request
 
         if self.session is None:
-            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                 timeout=aiohttp.ClientTimeout(total=600))
+            self.session = new_session(getattr(self.system, "reuses_connections", True))
         fields = self.system.fixed_length_fields(prompt.max_tokens)
         return await openai_sse_request(self.session, self.system.url, self.system.model, prompt.text,
                                         fields.pop("max_tokens"), fields.pop("min_tokens", None),
@@ -95,28 +95,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--workloads", default="distinct,shared-prefix", help=f"any of {', '.join(WORKLOADS)}")
-    parser.add_argument("--request-rate", type=_rates, default=[2, 4, 8, 16, 32],
+    parser.add_argument("--request-rate", type=_rates, default=[4, 8, 16, 32, 64],
                         help="requests/s, Poisson arrivals; `inf` sends them all at once")
     parser.add_argument("--num-requests", type=int, default=100, help="per workload, rate and system")
     parser.add_argument("--slo", type=Slo.parse, default=Slo(), help="goodput's SLO: ttft:MS,itl:MS "
                                                                      "(default ttft:200,itl:50)")
-    parser.add_argument("--systems", default="llmserve,llmserve[no-prefix-cache]",
-                        help="llmserve (this server through its front end), llmserve[no-prefix-cache]")
+    parser.add_argument("--systems", default=DEFAULT_SYSTEMS,
+                        help="llmserve (this server through its front end), llmserve[no-prefix-cache] (the same, "
+                             f"prefix caching off) and the peers {', '.join(PEERS)} (set up on first use under "
+                             "build/peers/; one that cannot be had is reported and skipped)")
     parser.add_argument("--seed", type=int, default=workloads.DEFAULT_SEED)
     parser.add_argument("--out", type=Path, default=BUILD_DIR / "bench")
     return parser.parse_args(argv)
 
 
-def make_systems(args) -> list:
+def make_systems(args, unavailable: dict[str, str]) -> dict:
+    """name -> system (a context manager with .url, .model, .fixed_length_fields(n)); why each peer
+    that cannot be had here is left out, in `unavailable`."""
     factories = {
         "llmserve": lambda: ThisServer(args.model_dir, args.out),
         "llmserve[no-prefix-cache]": lambda: ThisServer(args.model_dir, args.out, "llmserve[no-prefix-cache]",
                                                         {"enable_prefix_caching": "false"}),
     }
-    unknown = [name for name in args.systems.split(",") if name not in factories]
+    names = args.systems.split(",")
+    unknown = [name for name in names if name not in factories and name not in PEERS]
     if unknown:
-        raise SystemExit(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(factories)})")
-    return [factories[name]() for name in args.systems.split(",")]
+        raise SystemExit(f"--systems: unknown {', '.join(unknown)} (known: {', '.join([*factories, *PEERS])})")
+    # Peers get as many sequences at once as this server's slots.
+    peers = available_peers([name for name in names if name in PEERS], args.model_dir, DEFAULT_MAX_NUM_SEQS,
+                            args.out, unavailable, log_prefix="openloop-")
+    return {name: factories[name]() if name in factories else peers[name] for name in names
+            if name in factories or name in peers}
 
 
 async def _run(client: OpenAIClient, prompts: list[Prompt], rate: float, seed: int) -> list[RequestRecord]:
@@ -147,14 +156,14 @@ def run(args) -> dict:
                "config": {"model": os.path.relpath(args.model_dir, REPO_ROOT), "cpus": os.cpu_count(),
                           "request_rates": args.request_rate, "num_requests": args.num_requests,
                           "slo": {"ttft_ms": args.slo.ttft_ms, "itl_ms": args.slo.itl_ms}, "seed": args.seed},
-               "workloads": {}}
+               "workloads": {}, "unavailable": {}}
     loop = asyncio.new_event_loop()
-    systems = make_systems(args)
+    systems = make_systems(args, results["unavailable"])
     with contextlib.ExitStack() as stack:
-        for system in systems:
-            print(f"starting {system.name}", file=sys.stderr, flush=True)
+        for name, system in systems.items():
+            print(f"starting {name}", file=sys.stderr, flush=True)
             stack.enter_context(system)
-        clients = {system.name: OpenAIClient(system) for system in systems}
+        clients = {name: OpenAIClient(system) for name, system in systems.items()}
         stack.callback(lambda: [loop.run_until_complete(c.close()) for c in clients.values()])
         for workload_name in args.workloads.split(","):
             workload = WORKLOADS[workload_name](args.num_requests, args.seed)
@@ -163,20 +172,37 @@ def run(args) -> dict:
             reference = next(iter(check.values()))
             entry["greedy_text_matches"] = {name: texts == reference for name, texts in check.items()}
             for rate in args.request_rate:
-                for system in systems:
-                    records = loop.run_until_complete(_run(clients[system.name], workload.prompts, rate, args.seed))
+                for name in systems:
+                    records = loop.run_until_complete(_run(clients[name], workload.prompts, rate, args.seed))
                     summary = _summary(records, rate, args.slo)
-                    entry["systems"].setdefault(system.name, []).append(summary)
-                    print(f"  {workload_name} {system.name:24s} rate {rate:5g}/s  {summary.get('output_tokens_per_s', 0):7.1f}"
+                    entry["systems"].setdefault(name, []).append(summary)
+                    print(f"  {workload_name} {name:24s} rate {rate:5g}/s  {summary.get('output_tokens_per_s', 0):7.1f}"
                           f" tok/s  TTFT p95 {summary.get('ttft_ms_p95', float('nan')):7.1f} ms  goodput "
                           f"{summary['goodput_rps']:5.2f}/s  errors {summary['errors']}", file=sys.stderr, flush=True)
     loop.close()
     return results
 
 
+def peak_goodput(entry: dict) -> dict[str, float]:
+    """Each system's best goodput over the rates: up to its capacity within the SLO, goodput follows
+    the rate; past it, it falls."""
+    return {system: max(r["goodput_rps"] for r in rows) for system, rows in entry["systems"].items()}
+
+
+def goodput_vs_best_peer(entry: dict) -> tuple[str, float] | None:
+    """(the peer with the best peak goodput, llmserve's peak / its peak), where both ran."""
+    peak = peak_goodput(entry)
+    peers = {name: value for name, value in peak.items() if name in PEERS}
+    if "llmserve" not in peak or not peers:
+        return None
+    best = max(peers, key=peers.get)
+    return best, peak["llmserve"] / peers[best] if peers[best] else float("inf")
+
+
 def markdown(results: dict) -> str:
     slo = results["config"]["slo"]
-    lines = []
+    lines: list[str] = [f"{name}: not run ({reason})." for name, reason in results.get("unavailable", {}).items()]
+    lines += [""] if lines else []
     for name, entry in results["workloads"].items():
         lines += [f"### {name}: {entry['description']}", "",
                   f"Goodput: requests/s with TTFT <= {slo['ttft_ms']:g} ms and their own ITL p95 <= "
@@ -192,6 +218,12 @@ def markdown(results: dict) -> str:
                              f"{r.get('itl_ms_p95', float('nan')):.2f} | {r.get('tpot_ms_p50', float('nan')):.2f} | "
                              f"{r.get('latency_ms_p50', float('nan')):.0f} / {r.get('latency_ms_p95', float('nan')):.0f} | "
                              f"{r['goodput_rps']:.2f} | {r['errors']} |")
+        peak = peak_goodput(entry)
+        lines += ["", "Peak goodput (the best over the rates), requests/s: " + ", ".join(
+            f"{system} {value:.2f}" for system, value in peak.items()) + "."]
+        ratio = goodput_vs_best_peer(entry)
+        if ratio is not None:
+            lines.append(f"llmserve / the best peer ({ratio[0]}): {ratio[1]:.2f}x (target >= 1.2x).")
         lines.append("")
     return "\n".join(lines)
 

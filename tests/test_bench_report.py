@@ -80,3 +80,31 @@ def test_itl_is_per_token_and_a_tokenless_text_chunk_is_a_gap_of_one():
     record = RequestRecord(start=0.99, end=1.06, chunks=chunks, num_output_tokens=5)
     summary = summarize([[record]])
     assert summary["itl_ms_p50"] == pytest.approx(10.0) and summary["ttft_ms_p50"] == pytest.approx(10.0)
+
+
+def test_the_front_end_against_the_best_peer_at_each_concurrency():
+    results = _results({
+        "triton": {"1": _level(2000, 4.0, 6.0), "32": _level(9000, 20.0, 36.0)},
+        "gateway": {"1": _level(1800, 5.0, 7.0), "32": _level(8400, 22.0, 40.0)},
+        "llama.cpp": {"1": _level(2000, 4.0, 5.0), "32": _level(6000, 30.0, 50.0)},
+        "transformers": {"1": _level(300, 12.0, 15.0), "32": _level(7000, 11.0, 90.0)},
+        "vllm": {"1": {"errors": 32}, "32": {"errors": 32}},  # failed: not a peer at any level
+    })
+    results["greedy_text_matches"] = {"gateway": True, "llama.cpp": True, "transformers": False}
+    results["unavailable"] = {"vllm-x": "not installable here"}
+    r = report.ratios(results)
+    c1, c32 = r["per_concurrency"]
+    assert (c1["best_peer"], c1["first_token_peer"]) == ("llama.cpp", "llama.cpp")
+    assert c1["vs_best_peer"] == pytest.approx(0.9) and c1["ttft_p50_vs_best_peer"] == pytest.approx(1.25)
+    assert (c32["best_peer"], c32["first_token_peer"]) == ("transformers", "transformers")
+    assert c32["vs_best_peer"] == pytest.approx(1.2) and c32["ttft_p50_vs_best_peer"] == pytest.approx(2.0)
+    results["ratios"] = r
+    table = report.markdown(results)
+    assert "| 1 | llama.cpp | 0.90 | llama.cpp | 1.25 | NO |" in table
+    assert "| 32 | transformers | 1.20 | transformers | 2.00 | NO |" in table
+    assert "transformers NO" in table and "vllm-x: not run (not installable here)." in table
+
+
+def test_no_peer_row_without_the_front_end():
+    results = _results({"triton": {"1": _level(2000, 4.0, 6.0)}, "llama.cpp": {"1": _level(2000, 4.0, 5.0)}})
+    assert all("best_peer" not in row for row in report.ratios(results)["per_concurrency"])

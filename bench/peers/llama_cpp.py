@@ -216,8 +216,9 @@ class LlamaServer(ServerProcess):
 
     def fixed_length_fields(self, n: int) -> dict:
         """Exactly n greedy tokens: llama-server has no `min_tokens`, so EOS is ignored and `max_tokens`
-        stops it; temperature 0 makes it greedy."""
-        return {"max_tokens": n, "ignore_eos": True, "temperature": 0.0}
+        stops it; temperature 0 makes it greedy. `timings_per_token` puts the running token count on
+        every chunk (its `stream_options` are ignored)."""
+        return {"max_tokens": n, "ignore_eos": True, "temperature": 0.0, "timings_per_token": True}
 
 
 async def _check(model_dir: Path, threads: int, max_tokens: int) -> int:

@@ -125,58 +125,32 @@ def _rss_mib(pid: int) -> float:
     return sum(int(v) for v in out.stdout.split()) / 1024
 
 
-async def _stream(session: Any, server: TransformersServer, prompt: str, n: int) -> dict[str, Any]:
-    """One streamed completion: text, token count (the last event's usage), text events, TTFT, seconds.
-
-    Its own reader, not bench.openai_driver's: this server ends the stream without `data: [DONE]`."""
-    body = {"model": server.model, "prompt": prompt, "stream": True, **server.fixed_length_fields(n)}
-    start = time.perf_counter()
-    first: float | None = None
-    parts: list[str] = []
-    tokens = 0
-    async with session.post(f"{server.url}/v1/completions", json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
-        async for line in response.content:
-            if not line.startswith(b"data:") or (data := line[5:].strip()) == b"[DONE]":
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(str(event["error"]))
-            if usage := event.get("usage"):
-                tokens = int(usage["completion_tokens"])
-            if text := (event.get("choices") or [{}])[0].get("text"):
-                first = first or time.perf_counter()
-                parts.append(text)
-    end = time.perf_counter()
-    return {"text": "".join(parts), "tokens": tokens, "events": len(parts),
-            "ttft_ms": ((first or end) - start) * 1e3, "seconds": end - start}
-
-
 async def _check(server: TransformersServer, prompt: str, n: int, concurrency: int) -> int:
-    """One streamed request, bench's OpenAI driver on the same, then `concurrency` at once; the exit status."""
+    """One streamed request, then `concurrency` at once; the exit status."""
     import aiohttp
 
     from bench.openai_driver import openai_sse_request
 
+    async def stream(parts: list[str]):
+        return await openai_sse_request(session, server.url, server.model, prompt, n, None, text_parts=parts,
+                                        extra=server.fixed_length_fields(n))
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        one = await _stream(session, server, prompt, n)
-        print(f"text: {one['text']!r}")
-        print(f"tokens (last event's usage): {one['tokens']}  text events: {one['events']}  "
-              f"TTFT {one['ttft_ms']:.1f} ms  {one['tokens'] / one['seconds']:.1f} tok/s  "
-              f"server RSS {_rss_mib(server.process.pid):.0f} MiB")
-        record = await openai_sse_request(session, server.url, server.model, prompt, n, None,
-                                          extra=server.fixed_length_fields(n))
-        print(f"bench.openai_driver: {record.error or 'ok'} (tokens {record.num_output_tokens}, "
-              f"chunks {len(record.chunks)}, their counts {sorted({c for _, c in record.chunks})})")
+        parts: list[str] = []
+        one = await stream(parts)
+        print(f"text: {''.join(parts)!r}")
+        print(f"{one.error or 'ok'}: tokens {one.num_output_tokens}, chunks {len(one.chunks)}, TTFT "
+              f"{one.ttft * 1e3 if one.chunks else float('nan'):.1f} ms, {one.num_output_tokens / one.latency:.1f} "
+              f"tok/s, server RSS {_rss_mib(server.process.pid):.0f} MiB")
+        texts = [[] for _ in range(concurrency)]
         start = time.perf_counter()
-        many = await asyncio.gather(*(_stream(session, server, prompt, n) for _ in range(concurrency)))
+        many = await asyncio.gather(*(stream(t) for t in texts))
         seconds = time.perf_counter() - start
-    tokens = [r["tokens"] for r in many]
-    print(f"{concurrency} at once: tokens {tokens}  same text: {all(r['text'] == one['text'] for r in many)}  "
-          f"{sum(tokens) / seconds:.1f} tok/s in all  TTFT max {max(r['ttft_ms'] for r in many):.1f} ms  "
-          f"server RSS {_rss_mib(server.process.pid):.0f} MiB")
-    return 0 if set(tokens) == {n} == {one["tokens"]} else 2
+    tokens = [r.num_output_tokens for r in many]
+    same = all("".join(t) == "".join(parts) for t in texts)
+    print(f"{concurrency} at once: tokens {tokens}  same text: {same}  "
+          f"{sum(tokens) / seconds:.1f} tok/s in all  server RSS {_rss_mib(server.process.pid):.0f} MiB")
+    return 0 if set(tokens) == {n} == {one.num_output_tokens} else 2
 
 
 def main(argv: list[str] | None = None) -> None:
