@@ -68,7 +68,8 @@ system-packages:
 test: install model system-packages
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
-# Side-by-side streaming benchmark: writes build/bench/results.{json,md,png}. Not part of `make test`.
+# Closed-loop benchmark against the peers (llama.cpp, vLLM CPU, transformers serve; set up under build/peers/
+# on first use): writes build/bench/results.{json,md,png}. Not part of `make test`.
 BENCH_ARGS ?=
 bench: install model
 	$(PY) -m bench --model-dir $(MODEL_DIR) $(BENCH_ARGS)
@@ -78,7 +79,9 @@ PRIORITY_BENCH_ARGS ?=
 bench-priority: install model
 	$(PY) -m bench.priority --model-dir $(MODEL_DIR) $(PRIORITY_BENCH_ARGS)
 
-# Open loop on realistic workloads, through the OpenAI endpoint: build/bench/openloop.{json,md,png}.
+# Open loop (Poisson arrivals) on realistic workloads, goodput under an SLO, the same peers:
+# build/bench/openloop.{json,md} and openloop-<workload>.png.
+OPENLOOP_BENCH_ARGS ?=
 bench-openloop: install model
 	$(PY) -m bench.openloop --model-dir $(MODEL_DIR) $(OPENLOOP_BENCH_ARGS)
 
