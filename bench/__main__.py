@@ -179,13 +179,11 @@ class _OpenAISystem(_ServedSystem):
         return self.server.fixed_length_fields(n)
 
     async def request(self, prompt: str, text_parts: list[str] | None = None):
-        from bench.openai_driver import new_session, openai_sse_request
+        from bench.openai_driver import fixed_length_request, new_session
 
         if self.session is None:
             self.session = new_session(self.reuses_connections)
-        fields = self.fixed_length_fields(self.args.max_tokens)
-        return await openai_sse_request(self.session, self.url, self.model, prompt, fields.pop("max_tokens"),
-                                        fields.pop("min_tokens", None), text_parts=text_parts, extra=fields)
+        return await fixed_length_request(self.session, self, prompt, self.args.max_tokens, text_parts=text_parts)
 
     def greedy_texts(self, prompts: list[str]) -> list[str]:
         """Each prompt's text, one request at a time."""
@@ -220,6 +218,10 @@ class GatewaySystem(_OpenAISystem):
         # The server's finished-request counter counts these too: triton's prompt_tokens waits for it.
         self.triton.requests_sent += concurrency * (per_worker or requests_per_worker(self.args, concurrency))
         return super().run_level(concurrency, per_worker)
+
+    def greedy_texts(self, prompts: list[str]) -> list[str]:
+        self.triton.requests_sent += len(prompts)  # counted by the same server, as above
+        return super().greedy_texts(prompts)
 
 
 class PeerSystem(_OpenAISystem):

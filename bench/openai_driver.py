@@ -55,6 +55,15 @@ async def openai_sse_request(session: aiohttp.ClientSession, url: str, model: st
     return record
 
 
+async def fixed_length_request(session: aiohttp.ClientSession, system, prompt: str, n: int, *,
+                               text_parts: list[str] | None = None) -> RequestRecord:
+    """`openai_sse_request` to `system` (.url, .model, .fixed_length_fields(n): what makes the output
+    exactly n greedy tokens on that server)."""
+    fields = system.fixed_length_fields(n)
+    return await openai_sse_request(session, system.url, system.model, prompt, fields.pop("max_tokens"),
+                                    fields.pop("min_tokens", None), text_parts=text_parts, extra=fields)
+
+
 def _tokens_so_far(event: dict) -> int | None:
     """The output tokens the server says it has sent, counting this event's; None if it does not say."""
     usage = event.get("usage")

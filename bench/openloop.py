@@ -73,14 +73,12 @@ class OpenAIClient:
         self.session = None
 
     async def request(self, prompt: Prompt, text_parts: list[str] | None = None) -> RequestRecord:
-        from bench.openai_driver import new_session, openai_sse_request
+        from bench.openai_driver import fixed_length_request, new_session
 
         if self.session is None:
             self.session = new_session(getattr(self.system, "reuses_connections", True))
-        fields = self.system.fixed_length_fields(prompt.max_tokens)
-        return await openai_sse_request(self.session, self.system.url, self.system.model, prompt.text,
-                                        fields.pop("max_tokens"), fields.pop("min_tokens", None),
-                                        text_parts=text_parts, extra=fields)
+        return await fixed_length_request(self.session, self.system, prompt.text, prompt.max_tokens,
+                                          text_parts=text_parts)
 
     async def close(self) -> None:
         if self.session is not None:
