@@ -2,8 +2,8 @@
 
 The graph (llmserve/export/graph.py) is driven directly through its I/O: a ragged left-padded
 prefill from no past, decode steps fed their own `present` back as `past`, and a chunked prefill
-(several new tokens on top of a past); and the packed-prefill graph (prompts end to end, no
-padding). Reference: TorchModelRunner on the same weights.
+(several new tokens on top of a past); the packed-prefill graph (prompts end to end, no
+padding); and the in-place decode graph (K/V written into buffers bound as both past and present). Reference: TorchModelRunner on the same weights.
 Tolerance: |onnx - torch| <= 1e-4 + 1e-4*|torch| on float32 logits.
 """
 
@@ -162,14 +162,53 @@ def test_packed_prefill_graph_matches_torch(exported):
     _close(logits, expected)
 
 
+def test_in_place_decode_graph_matches_torch(exported):
+    """decode.onnx: rows right padded in buffers of `capacity` positions bound as both past and
+    present; each step writes one position per row in place (the rest stays NaN: never read) and
+    gives torch's logits."""
+    model_dir, compiled_dir = exported
+    session = ort.InferenceSession(str(compiled_dir / "decode.onnx"), providers=["CPUExecutionProvider"])
+    runner = TorchModelRunner(model_dir, num_slots=len(PROMPTS))
+    slots, lengths = list(range(len(PROMPTS))), [len(p) for p in PROMPTS]
+    next_ids = runner.forward(slots, PROMPTS, [0] * len(PROMPTS)).argmax(-1).tolist()
+    capacity = max(lengths) + 4
+    cache = runner.kv_cache
+    kv = []
+    for k, v in zip(cache.k, cache.v):
+        for layer in (k, v):
+            buffer = torch.full((len(PROMPTS), layer.shape[1], capacity, layer.shape[3]), float("nan"))
+            for b, n in enumerate(lengths):
+                buffer[b, :, :n] = layer[b, :, :n]
+            kv.append(buffer)
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(3):
+        expected = runner.forward(slots, [[t] for t in next_ids], lengths)
+        held = torch.tensor(lengths, dtype=torch.int32)
+        logits = torch.empty(len(PROMPTS), expected.shape[1])
+        binding = session.io_binding()
+        feeds = [torch.tensor([[t] for t in next_ids]), held.long()[:, None], held, held.max() + 1, *kv]  # kept alive
+        for name, tensor in zip([i.name for i in session.get_inputs()], feeds):
+            binding.bind_input(name, "cpu", 0, tensor.numpy().dtype, tuple(tensor.shape), tensor.data_ptr())
+        binding.bind_output("logits", "cpu", 0, np.float32, tuple(logits.shape), logits.data_ptr())
+        for name, tensor in zip(names[1:], kv):  # present is past: written in place
+            binding.bind_output(name, "cpu", 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        session.run_with_iobinding(binding)
+        _close(logits.numpy(), expected)
+        lengths = [n + 1 for n in lengths]
+        for tensor in kv:
+            for b, n in enumerate(lengths):
+                assert not tensor[b, :, :n].isnan().any() and tensor[b, :, n:].isnan().all()
+        next_ids = expected.argmax(-1).tolist()
+
+
 def test_manifest_records_the_source(default_model_dir, onnx_compiled_dir):
     manifest = json.loads((onnx_compiled_dir / "manifest.json").read_text())
     assert manifest["source_model_dir"] == str(default_model_dir.resolve())
     assert manifest["fingerprint"] == model_fingerprint(default_model_dir)
     assert (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"], manifest["vocab_size"]) == (
         4, 2, 48, 2048)
-    assert manifest["files"] == ["model.onnx", "prefill.onnx"] and manifest["dtype"] == "float32"
-    assert manifest["prefill_model"] == "prefill.onnx"
+    assert manifest["files"] == ["decode.onnx", "model.onnx", "prefill.onnx"] and manifest["dtype"] == "float32"
+    assert (manifest["prefill_model"], manifest["decode_model"]) == ("prefill.onnx", "decode.onnx")
     assert manifest["model_type"] == "llama" and manifest["opset"] == 23
     proto = onnx.load(onnx_compiled_dir / "model.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
@@ -180,6 +219,11 @@ def test_manifest_records_the_source(default_model_dir, onnx_compiled_dir):
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims == {"input_ids": [1, "tokens"], "position_ids": [1, "tokens"], "padded_index": ["tokens"],
                     "prompt_mask": ["prompts", "longest"], "last_index": ["prompts"]}
+    proto = onnx.load(onnx_compiled_dir / "decode.onnx", load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims["seqlens_k"] == ["batch"] and dims["total_sequence_length"] == []
+    assert dims["past_key_values.0.key"] == ["batch", 2, "capacity", 48]
+    assert sum(node.op_type == "GroupQueryAttention" for node in proto.graph.node) == 4
 
 
 def test_export_is_skipped_when_current_and_redone_when_forced(gpt2_dir, gpt2_compiled_dir):

@@ -1,8 +1,9 @@
 """OnnxRuntimeRunner: the Runner interface and TorchModelRunner's results, and the engine on either runtime.
 
 Runner checks compare logits with the torch runner (atol/rtol 1e-4, float32) through the paths
-the live decode batch takes: continued decode, joins and leaves in place (holes), reordering, a
-reused slot, a prefill beside a live batch, chunked prefill, and each reason to repack. Engine checks compare greedy token ids exactly.
+either decode batch takes (the in-place decode graph's, and the live past/present batch's of a
+compiled model without it): continued decode, joins and leaves (holes), reordering, a reused slot,
+a prefill beside the batch, chunked prefill, copied prefixes, and each reason to repack or compact. Engine checks compare greedy token ids exactly.
 """
 
 from __future__ import annotations
@@ -25,14 +26,27 @@ from tests.runner_contract import BAD_SIZES, bad_forward_calls
 VOCAB = 2048
 
 
-@pytest.fixture(scope="module")
-def runners(default_model_dir, onnx_compiled_dir):
+def _runner_pairs(model_dir, compiled_dir):
     def make(num_slots: int = 8, **kwargs):
-        return (TorchModelRunner(default_model_dir, num_slots=num_slots, **kwargs),
-                OnnxRuntimeRunner(default_model_dir, num_slots=num_slots, compiled_dir=onnx_compiled_dir, num_threads=1,
-                                  **kwargs))
+        return (TorchModelRunner(model_dir, num_slots=num_slots, **kwargs),
+                OnnxRuntimeRunner(model_dir, num_slots=num_slots, compiled_dir=compiled_dir, num_threads=1, **kwargs))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def runners(default_model_dir, onnx_compiled_dir, tmp_path_factory):
+    """Pairs whose ONNX runner decodes through the live past/present batch (TensorRT's way, and ONNX
+    Runtime's for a compiled model without decode.onnx)."""
+    past_present = tmp_path_factory.mktemp("past-present") / "compiled"
+    shutil.copytree(onnx_compiled_dir, past_present, ignore=shutil.ignore_patterns("decode.onnx"))
+    return _runner_pairs(default_model_dir, past_present)
+
+
+@pytest.fixture(scope="module")
+def in_place_runners(default_model_dir, onnx_compiled_dir):
+    """Pairs whose ONNX runner decodes through the in-place decode graph (the default export)."""
+    return _runner_pairs(default_model_dir, onnx_compiled_dir)
 
 
 class Pair:
@@ -117,6 +131,67 @@ def test_copied_prefixes_continue_as_if_computed(runners):
     rest = pair.forward([2], [prompt[3:]], [3])
     torch.testing.assert_close(rest[0], whole[0], atol=1e-4, rtol=1e-4)
     pair.decode([0, 1, 2], steps=3)
+
+
+def test_in_place_decode_paths_match_torch(in_place_runners):
+    pair = Pair(*in_place_runners())
+    batch = pair.onnx._in_place
+    assert pair.onnx._live is None and batch is not None
+    pair.forward([0, 1, 2], [[5, 6, 7, 8, 9], [20, 21], [30, 31, 32, 33]], [0, 0, 0])
+    pair.decode([0, 1, 2], steps=5)  # rows of different lengths, no padding
+    assert batch.rows == [0, 1, 2] and batch.lengths == [10, 7, 9]
+    assert pair.onnx.calls == {"packed_prefill": 1, "in_place": 5, "joined": 3}
+    pair.forward([4], [[40, 41, 42]], [0])  # a prefill beside the batch leaves it alone
+    assert batch.rows == [0, 1, 2]
+    pair.decode([0, 1, 2, 4], steps=3)  # a join: a new row
+    assert batch.rows == [0, 1, 2, 4] and pair.onnx.calls["joined"] == 4
+    pair.decode([0, 4], steps=3)  # leaves: holes (their K/V stored: they may come back)
+    assert batch.rows == [0, None, None, 4] and pair.onnx.calls["left"] == 2
+    pair.decode([4, 0], steps=2)  # reorder
+    pair.forward([0], [[9, 8, 7, 6]], [0])  # slot 0 reused by a new sequence while in the batch
+    assert batch.rows == [None, None, None, 4]
+    pair.decode([4, 0], steps=3)  # the new sequence joins into a hole
+    assert batch.rows == [0, None, None, 4]
+    pair.forward([3], [[1]], [0])  # a one-token prompt: a prefill, though decode-shaped
+    pair.decode([0, 3, 4], steps=2)
+    assert batch.rows == [0, 3, None, 4]
+    pair.decode([1, 2, 0, 3, 4], steps=2)  # the sequences that left come back from the store
+    # Chunked prefill of slot 5 alongside decodes of the batch.
+    pair.forward([5], [[11, 12, 13, 14, 15, 16]], [0])
+    pair.forward([5, 0], [[17, 18, 19], [3]])  # slot 0's K/V goes to the store, its row is left
+    pair.decode([0, 3, 4, 5], steps=4)
+    assert pair.onnx.calls["packed"] + pair.onnx.calls["in_place"] + pair.onnx.calls["packed_prefill"] == pair.calls
+
+
+def test_in_place_release_compaction_and_copied_prefixes(in_place_runners):
+    pair = Pair(*in_place_runners(num_slots=16))
+    batch, store = pair.onnx._in_place, pair.onnx.store
+    pair.forward(list(range(12)), [[5 + i] * (2 + i) for i in range(12)], [0] * 12)
+    pair.decode(list(range(12)), steps=2)
+    before = [t[11].clone() for t in store.tensors]
+    for slot in range(6, 12):  # finished: holes, nothing written to the store
+        pair.onnx.release(slot)
+        pair.torch.release(slot)
+        del pair.cached[slot]
+    assert all(torch.equal(t[11], b) for t, b in zip(store.tensors, before))
+    assert batch.rows == [0, 1, 2, 3, 4, 5]  # holes at the end are dropped
+    pair.decode([0, 5])  # 4 holes for 2 sequences stay (4 + 2 // 4 allowed)
+    assert batch.rows == [0, None, None, None, None, 5] and pair.onnx.calls["compacted"] == 0
+    pair.decode([5])  # 5 holes for 1: the last row moves into the first hole
+    assert batch.rows == [5] and pair.onnx.calls["compacted"] == 1
+    pair.decode([0, 1, 5], steps=2)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    whole = pair.forward([6], [prompt], [0])
+    for runner in (pair.torch, pair.onnx):
+        runner.copy_prefix(6, 7, 6)
+    joined = pair.forward([0, 7], [[3], prompt[6:]], [pair.cached[0], 6])  # cached but for its last token
+    torch.testing.assert_close(joined[1], whole[0], atol=1e-4, rtol=1e-4)
+    pair.decode([0, 1, 5, 7], steps=3)
+
+
+def test_in_place_decode_holds_twice_the_store(in_place_runners):
+    _, runner = in_place_runners(num_slots=2, max_model_len=16)
+    assert runner.kv_cache_bytes == 2 * (2 * 4 * 2 * 2 * 16 * 48 * 4)  # the store and the batch's rows
 
 
 def test_a_compiled_model_without_the_prefill_graph_pads_prompts(default_model_dir, onnx_compiled_dir, tmp_path):
@@ -254,22 +329,27 @@ def _run_in_flight(engine: LLMEngine, schedule: dict[int, list[tuple[str, int]]]
     return {name: seq.ids[seq.num_prompt_tokens:] for name, seq in seqs.items()}
 
 
-def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_compiled_dir, engine_factory):
+def test_greedy_output_identical_across_runtimes(default_model_dir, onnx_compiled_dir, engine_factory, tmp_path):
     schedule = {
         0: [("Once upon a time", 24), ("The little dog", 10), ("She said", 30)],
         3: [("In the morning the children went to school and", 12)],
         5: [("Tom and his mother", 20), ("A", 8)],
         14: [("The sun was shining", 15)],
     }
+    past_present = tmp_path / "past-present"
+    shutil.copytree(onnx_compiled_dir, past_present, ignore=shutil.ignore_patterns("decode.onnx"))
     results = {}
-    for runtime, extra in (("torch", {}), ("onnxruntime", {"compiled_dir": str(onnx_compiled_dir)})):
+    for name, runtime, extra in (("torch", "torch", {}),
+                                 ("in-place", "onnxruntime", {"compiled_dir": str(onnx_compiled_dir)}),
+                                 ("past-present", "onnxruntime", {"compiled_dir": str(past_present)})):
         engine = engine_factory(runtime=runtime, num_threads=1, max_num_seqs=8, **extra)
         assert type(engine.runner).__name__ == {"torch": "TorchModelRunner",
                                                  "onnxruntime": "OnnxRuntimeRunner"}[runtime]
-        results[runtime] = _run_in_flight(engine, schedule)
-        if runtime == "onnxruntime":  # sequences joined and left the live batch in place
-            assert engine.runner.calls["joined"] >= 3 and engine.runner.calls["left"] >= 3
-            assert engine.runner.calls["continued"] >= 10
-            assert engine.runner.calls["packed_prefill"] >= 1  # the ragged prompts of step 0
-    assert results["onnxruntime"] == results["torch"]
+        results[name] = _run_in_flight(engine, schedule)
+        if runtime == "onnxruntime":  # sequences joined and left the decode batch in place
+            calls = engine.runner.calls
+            assert calls["joined"] >= 3 and calls["left"] >= 3
+            assert calls["in_place" if name == "in-place" else "continued"] >= 10
+            assert calls["packed_prefill"] >= 1  # the ragged prompts of step 0
+    assert results["in-place"] == results["torch"] and results["past-present"] == results["torch"]
     assert sorted(map(len, results["torch"].values())) == [8, 10, 12, 15, 20, 24, 30]

@@ -140,7 +140,7 @@ def tensorrt_onnx(default_model_dir, tmp_path_factory):
     from llmserve.export.tensorrt_build import TENSORRT_ONNX_OPSET
 
     return export_onnx(default_model_dir, out_dir=tmp_path_factory.mktemp("trt") / "onnx", opset=TENSORRT_ONNX_OPSET,
-                       packed_prefill=False)
+                       onnxruntime_graphs=False)
 
 
 def test_tensorrt_export_uses_only_operators_tensorrt_parses(tensorrt_onnx):

@@ -29,6 +29,17 @@ from empty caches: packed end to end into one row, no padding (the torch runner'
   `last_index` int64 [prompts] (each prompt's last token among the packed ones).
 - outputs: `logits` float32 [prompts, vocab]; `present.{i}.key` / `.value`
   [1, num_kv_heads, tokens, head_dim], the packed tokens' K/V in input order.
+
+And a third, `InPlaceDecodeGraph` (`decode.onnx`), for the decode batch: each row's K/V lives in a
+buffer of `capacity` positions that is both past and present (bound to the same memory), and each
+layer writes its new token's K/V there in place (llmserve/export/in_place_attention.py):
+
+- inputs: `input_ids`, `position_ids` int64 [batch, 1]; `seqlens_k` int32 [batch] (positions each
+  row holds before this token; its token goes at that position); `total_sequence_length` int32
+  scalar (max(seqlens_k) + 1); `past_key_values.{i}.key` / `.value` [batch, num_kv_heads,
+  capacity, head_dim], right padded: row b's positions [0, seqlens_k[b]) are real.
+- outputs: `logits` [batch, vocab]; `present.{i}.key` / `.value`, the same shape as past (bind
+  them to past's memory).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmserve.export.in_place_attention import in_place_gqa
 from llmserve.models import DecoderLM
 from llmserve.models.attention import fold_mask, grouped_query_attention, packed_prompt_attention, prompt_causal_mask
 
@@ -121,4 +133,41 @@ class PackedPrefillGraph(nn.Module):
         no_past = [None] * model.num_layers
         hidden = model(input_ids, position_ids, PastKV(no_past, no_past), attention)
         logits = model.compute_logits(hidden[0, last_index]).float()
+        return (logits, *attention.presents)
+
+
+class InPlaceAttention:
+    """Each layer's new K/V written into its past buffer at each row's length (`in_place_gqa`);
+    collects every layer's present K and V in order."""
+
+    def __init__(self, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor) -> None:
+        self.seqlens_k = seqlens_k
+        self.total_sequence_length = total_sequence_length
+        self.presents: list[torch.Tensor] = []
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_past: torch.Tensor,
+               v_past: torch.Tensor, scale: float) -> torch.Tensor:
+        B, T, H, D = q.shape
+        kv_heads = k.shape[2]
+        out, k_present, v_present = in_place_gqa(
+            q.reshape(B, T, H * D), k.reshape(B, T, kv_heads * D), v.reshape(B, T, kv_heads * D), k_past, v_past,
+            self.seqlens_k, self.total_sequence_length, H, kv_heads, scale)
+        self.presents += (k_present, v_present)
+        return out
+
+
+class InPlaceDecodeGraph(nn.Module):
+    """forward(input_ids, position_ids, seqlens_k, total_sequence_length, past k0, past v0, ...) ->
+    (logits, present k0, present v0, ...): see the module docstring."""
+
+    def __init__(self, model: DecoderLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor,
+                total_sequence_length: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        attention = InPlaceAttention(seqlens_k, total_sequence_length)
+        hidden = model(input_ids, position_ids, PastKV(list(past[0::2]), list(past[1::2])), attention)
+        logits = model.compute_logits(hidden[:, -1]).float()
         return (logits, *attention.presents)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 # The decoder graph's inputs before the past K/V, in order.
 DECODER_INPUTS = ["input_ids", "position_ids", "attention_mask"]
+# The in-place decode graph's inputs before the past K/V, in order.
+IN_PLACE_DECODE_INPUTS = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
 # The packed-prefill graph's inputs (it has no past).
 PREFILL_INPUTS = ["input_ids", "position_ids", "padded_index", "prompt_mask", "last_index"]
 PAST_PREFIX = "past_key_values."

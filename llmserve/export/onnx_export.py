@@ -17,24 +17,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from llmserve.export.graph_io import PREFILL_INPUTS, input_names, output_names, past_names
+from llmserve.export.graph_io import IN_PLACE_DECODE_INPUTS, PREFILL_INPUTS, input_names, output_names, past_names
 from llmserve.export.manifest import (COMPILED_ROOT, MANIFEST, default_compiled_dir, model_fingerprint,
                                       read_manifest, write_manifest)
 
 MODEL_FILE = "model.onnx"
 PREFILL_FILE = "prefill.onnx"  # the packed-prefill graph (graph.py), ONNX Runtime's compiled model only
+DECODE_FILE = "decode.onnx"  # the in-place decode graph (graph.py), ONNX Runtime's compiled model only
 # Opset 23 has Attention and RMSNormalization: ONNX Runtime runs each as one fused kernel, a faster
 # decode than opset 18's MatMul/Softmax (docs/notes/runners-and-export.md).
 DEFAULT_OPSET = 23
 PRECISIONS = ("fp32",)
 # Bump when the graph the same weights export to changes (graph.py, the models' forward): a
 # manifest.json with another version is rebuilt.
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 # Beyond this, weights go to model.onnx.data (protobuf's 2 GiB limit).
 EXTERNAL_DATA_BYTES = 1536 << 20
 # Sample sizes for tracing: all distinct and > 1, so no dimension is specialised or confused with another.
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 3, 5, 7
 _SAMPLE_PROMPT_LENGTHS = [2, 5, 3]
+_SAMPLE_CAPACITY = 11
 
 
 class ExportError(RuntimeError):
@@ -100,6 +102,31 @@ def _dimension_names(num_layers: int) -> dict[tuple[str, int], str]:
     return names
 
 
+def _decode_sample_inputs(model) -> tuple[Any, ...]:
+    """Rows holding 4, 0 and 9 positions of a capacity of 11 (batch 3, capacity 11: distinct)."""
+    import torch
+
+    held = torch.tensor([4, 0, 9], dtype=torch.int32)
+    past = tuple(torch.zeros(len(held), model.num_kv_heads, _SAMPLE_CAPACITY, model.head_dim)
+                 for _ in range(2 * model.num_layers))
+    return (torch.randint(0, model.vocab_size, (len(held), 1)), held.long().unsqueeze(1), held,
+            (held.max() + 1).to(torch.int32), *past)
+
+
+def _decode_dynamic_shapes(num_layers: int) -> tuple[Any, ...]:
+    from torch.export import Dim
+
+    batch, capacity = Dim("batch"), Dim("capacity")
+    return ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch, 2: capacity} for _ in range(2 * num_layers)))
+
+
+def _decode_dimension_names(num_layers: int) -> dict[tuple[str, int], str]:
+    names = {("input_ids", 0): "batch"}
+    for name in past_names(num_layers):
+        names[(name, 2)] = "capacity"
+    return names
+
+
 def _prefill_sample_inputs(model) -> tuple[Any, ...]:
     """Prompts of 2, 5 and 3 tokens: tokens (10), prompts (3) and longest (5) all distinct."""
     import torch
@@ -143,7 +170,7 @@ def _name_dimensions(proto, wanted: dict[tuple[str, int], str]) -> None:
 
 def _export_graph(module, sample: tuple[Any, ...], path: Path, *, input_names: list[str], output_names: list[str],
                   dynamic_shapes: tuple[Any, ...], dimension_names: dict[tuple[str, int], str], opset: int,
-                  external_data: bool, model_dir: Path) -> None:
+                  external_data: bool, model_dir: Path, translations: dict | None = None) -> None:
     """Trace `module` to `path` (a valid ONNX file, dimensions named); ExportError naming the step
     that failed."""
     import onnx
@@ -156,7 +183,8 @@ def _export_graph(module, sample: tuple[Any, ...], path: Path, *, input_names: l
             module(*sample)
             program = torch.onnx.export(
                 module, sample, None, dynamo=True, input_names=input_names, output_names=output_names,
-                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False)
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+                custom_translation_table=translations)
         program.save(path, external_data=external_data)
     except Exception as exc:  # the exporter's errors are long; keep the cause, name the step
         raise ExportError(f"torch.onnx.export of {path.name} failed for {model_dir} ({type(exc).__name__}): "
@@ -170,12 +198,12 @@ def _export_graph(module, sample: tuple[Any, ...], path: Path, *, input_names: l
         raise ExportError(f"the exported {path.name} of {model_dir} is not valid ONNX: {exc}") from exc
 
 
-def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int, packed_prefill: bool = True) -> bool:
+def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int, onnxruntime_graphs: bool = True) -> bool:
     """Whether out_dir holds this export of model_dir's current weights (with the packed-prefill
-    graph when `packed_prefill`)."""
+    and in-place decode graphs when `onnxruntime_graphs`)."""
     if not (out_dir / MODEL_FILE).is_file() or not (out_dir / MANIFEST).is_file():
         return False
-    if packed_prefill and not (out_dir / PREFILL_FILE).is_file():
+    if onnxruntime_graphs and not all((out_dir / name).is_file() for name in (PREFILL_FILE, DECODE_FILE)):
         return False
     manifest = read_manifest(out_dir)
     wanted = {"graph_version": GRAPH_VERSION, "precision": precision, "opset": opset,
@@ -185,10 +213,11 @@ def is_current(out_dir: Path, model_dir: Path, *, precision: str, opset: int, pa
 
 def export_onnx(model_dir: str | Path, out_root: str | Path = COMPILED_ROOT, *, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, out_dir: str | Path | None = None, force: bool = True,
-                packed_prefill: bool = True) -> Path:
+                onnxruntime_graphs: bool = True) -> Path:
     """Export `model_dir` to `<out_root>/onnx/<model folder name>/` (or `out_dir`): model.onnx
-    (+ model.onnx.data for large models), prefill.onnx (the packed-prefill graph, unless
-    `packed_prefill` is False: TensorRT builds from model.onnx alone) and manifest.json. Returns the
+    (+ model.onnx.data for large models), prefill.onnx and decode.onnx (the packed-prefill and
+    in-place decode graphs, unless `onnxruntime_graphs` is False: TensorRT builds from model.onnx
+    alone) and manifest.json. Returns the
     folder. With force=False, returns at once when the folder already holds this export of the
     model's current weights."""
     if precision not in PRECISIONS:
@@ -196,16 +225,16 @@ def export_onnx(model_dir: str | Path, out_root: str | Path = COMPILED_ROOT, *, 
                           f"{precision!r} (half precision and int8 are TensorRT's: `--runtime tensorrt`)")
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir) if out_dir is not None else default_compiled_dir("onnxruntime", model_dir, out_root)
-    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset, packed_prefill=packed_prefill):
+    if not force and is_current(out_dir, model_dir, precision=precision, opset=opset, onnxruntime_graphs=onnxruntime_graphs):
         return out_dir  # before the exporter's imports: a server start checks this every time
     _require_exporter()
     model = _load_float32_model(model_dir)
     external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with _swapped_in_when_done(out_dir) as work:
-        _export_graphs(model, work, opset=opset, external_data=external_data, packed_prefill=packed_prefill,
+        _export_graphs(model, work, opset=opset, external_data=external_data, onnxruntime_graphs=onnxruntime_graphs,
                        model_dir=model_dir)
         write_manifest(work, _export_manifest(model, model_dir, work, opset=opset, precision=precision,
-                                              packed_prefill=packed_prefill))
+                                              onnxruntime_graphs=onnxruntime_graphs))
     return out_dir
 
 
@@ -235,25 +264,30 @@ def _swapped_in_when_done(out_dir: Path):
     work.rename(out_dir)
 
 
-def _export_graphs(model, work: Path, *, opset: int, external_data: bool, packed_prefill: bool,
+def _export_graphs(model, work: Path, *, opset: int, external_data: bool, onnxruntime_graphs: bool,
                    model_dir: Path) -> None:
-    """model.onnx (the decoder graph) and, when `packed_prefill`, prefill.onnx into `work`."""
-    from llmserve.export.graph import DecoderGraph, PackedPrefillGraph
+    """model.onnx (the decoder graph) and, when `onnxruntime_graphs`, prefill.onnx and decode.onnx into `work`."""
+    from llmserve.export.graph import DecoderGraph, InPlaceDecodeGraph, PackedPrefillGraph
+    from llmserve.export.in_place_attention import TRANSLATIONS
 
     L = model.num_layers
     _export_graph(DecoderGraph(model).eval(), _sample_inputs(model), work / MODEL_FILE,
                   input_names=input_names(L), output_names=output_names(L), dynamic_shapes=_dynamic_shapes(L),
                   dimension_names=_dimension_names(L), opset=opset, external_data=external_data,
                   model_dir=model_dir)
-    if packed_prefill:
+    if onnxruntime_graphs:
         _export_graph(PackedPrefillGraph(model).eval(), _prefill_sample_inputs(model), work / PREFILL_FILE,
                       input_names=PREFILL_INPUTS, output_names=output_names(L),
                       dynamic_shapes=_prefill_dynamic_shapes(), dimension_names=_PREFILL_DIMENSION_NAMES,
                       opset=opset, external_data=external_data, model_dir=model_dir)
+        _export_graph(InPlaceDecodeGraph(model).eval(), _decode_sample_inputs(model), work / DECODE_FILE,
+                      input_names=[*IN_PLACE_DECODE_INPUTS, *past_names(L)], output_names=output_names(L),
+                      dynamic_shapes=_decode_dynamic_shapes(L), dimension_names=_decode_dimension_names(L),
+                      opset=opset, external_data=external_data, model_dir=model_dir, translations=TRANSLATIONS)
 
 
 def _export_manifest(model, model_dir: Path, work: Path, *, opset: int, precision: str,
-                     packed_prefill: bool) -> dict[str, Any]:
+                     onnxruntime_graphs: bool) -> dict[str, Any]:
     """What the export's manifest.json records: its source, the model's sizes, the graphs' I/O."""
     import onnx
     import torch
@@ -280,7 +314,8 @@ def _export_manifest(model, model_dir: Path, work: Path, *, opset: int, precisio
         "precision": precision,
         "inputs": input_names(L),
         "outputs": output_names(L),
-        "prefill_model": PREFILL_FILE if packed_prefill else None,
+        "prefill_model": PREFILL_FILE if onnxruntime_graphs else None,
+        "decode_model": DECODE_FILE if onnxruntime_graphs else None,
         "files": sorted(p.name for p in work.iterdir() if p.name != MANIFEST),
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,

@@ -410,7 +410,7 @@ def build_for_model(model_dir: str | os.PathLike, compiled_root: str | os.PathLi
     model_dir = Path(model_dir).resolve()
     plan_dir = default_compiled_dir("tensorrt", model_dir, compiled_root)
     onnx_dir = export_onnx(model_dir, out_dir=plan_dir / "onnx", opset=TENSORRT_ONNX_OPSET, force=force,
-                           packed_prefill=False)  # TensorRT builds from model.onnx alone
+                           onnxruntime_graphs=False)  # TensorRT builds from model.onnx alone
     return build_tensorrt(onnx_dir, plan_dir, precision=precision,
                           max_batch_size=max_batch_size or _serving_setting("max_num_seqs") or DEFAULT_MAX_BATCH_SIZE,
                           max_model_len=max_model_len or _serving_setting("max_model_len"),

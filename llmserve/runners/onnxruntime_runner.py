@@ -1,10 +1,12 @@
 """OnnxRuntimeRunner: the `Runner` (llmserve/runners/base.py) over the exported decoder graph
 (llmserve/export/graph.py) on ONNX Runtime's CPU provider.
 
-K/V handling (`PastPresentRunner`, shared with the TensorRT runner): a live decode batch whose
-present buffers are bound as the next call's past, and a per-slot store, written lazily, for
-everything else. Ragged prompts from empty caches run unpadded, packed end to end, through the
-compiled model's second graph (`prefill.onnx`, when it has one). I/O binding throughout: ONNX Runtime
+K/V handling (`PastPresentRunner`, shared with the TensorRT runner): a per-slot store, written
+lazily, and a decode batch that runs through the compiled model's in-place decode graph
+(`decode.onnx`: llmserve/runners/in_place_decode.py), or, for a compiled model without it, the
+live past/present batch of llmserve/runners/past_present.py. Ragged prompts from empty caches run
+unpadded, packed end to end, through its packed-prefill graph (`prefill.onnx`, when it has one);
+prompts with a cached prefix run through the past/present graph. I/O binding throughout: ONNX Runtime
 reads and writes torch-owned memory.
 """
 
@@ -25,6 +27,7 @@ from llmserve.runners.base import capped_model_len, check_sizes, validate_token_
 from llmserve.runners.past_present import PastPresentRunner
 
 MODEL_FILE = "model.onnx"
+_INDEX_TYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 def _import_onnxruntime():
@@ -66,22 +69,30 @@ class OnnxRuntimeRunner(PastPresentRunner):
                                                      providers=["CPUExecutionProvider"])
                                 if self.packs_prefill else None)
         self._init_kv(len(self._kv_names), (manifest["num_kv_heads"], manifest["head_dim"]))
+        decode_file = manifest.get("decode_model")
+        self.decode_session = (ort.InferenceSession(str(compiled_dir / decode_file), options,
+                                                    providers=["CPUExecutionProvider"])
+                               if decode_file and (compiled_dir / decode_file).is_file() else None)
+        if self.decode_session is not None:
+            self._init_in_place(self.max_model_len)
         # I/O binding through ONNX Runtime's C bindings (the pinned version's `_sess` and
         # `SessionIOBinding`): the Python wrapper re-resolves the device on every bind, which slows
         # each step (docs/notes/runners-and-export.md).
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._graphs = {name: (session._sess, ort.capi.onnxruntime_pybind11_state.SessionIOBinding(session._sess))
-                        for name, session in (("decoder", self.session), ("prefill", self.prefill_session))
+                        for name, session in (("decoder", self.session), ("prefill", self.prefill_session),
+                                              ("decode", self.decode_session))
                         if session is not None}
 
     def _execute(self, graph: str, inputs: list[tuple[str, torch.Tensor]], kv_inputs: list[torch.Tensor],
                  logits: torch.Tensor, present: list[torch.Tensor]) -> None:
-        """Run one of the graphs on torch-owned memory: int64 `inputs` by name, then the K/V inputs
-        (past, in the manifest's order; none for the prefill graph), into `logits` and `present`."""
+        """Run one of the graphs on torch-owned memory: int64 or int32 `inputs` by name, then the K/V
+        inputs (past, in the manifest's order; none for the prefill graph), into `logits` and
+        `present` (the same tensors as past for the in-place decode graph)."""
         session, binding = self._graphs[graph]
         cpu = self._cpu
         for name, tensor in inputs:
-            binding.bind_input(name, cpu, np.int64, tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_input(name, cpu, _INDEX_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
         if kv_inputs:
             shape = tuple(kv_inputs[0].shape)
             for name, tensor in zip(self._kv_names, kv_inputs):
@@ -97,6 +108,13 @@ class OnnxRuntimeRunner(PastPresentRunner):
         logits = torch.empty(ids.shape[0], self.vocab_size)
         self._execute("decoder", [("input_ids", ids), ("position_ids", positions), ("attention_mask", mask)],
                       past, logits, present)
+        return logits
+
+    def _run_in_place(self, ids: torch.Tensor, positions: torch.Tensor, seqlens_k: torch.Tensor,
+                      total_sequence_length: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+        logits = torch.empty(ids.shape[0], self.vocab_size)
+        self._execute("decode", [("input_ids", ids), ("position_ids", positions), ("seqlens_k", seqlens_k),
+                                 ("total_sequence_length", total_sequence_length)], kv, logits, kv)
         return logits
 
     def _run_packed_prefill(self, slots: list[int], token_ids: Sequence[Sequence[int]],

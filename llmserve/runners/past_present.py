@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from llmserve.runners.base import validate_batch, validate_token_ids
+from llmserve.runners.in_place_decode import InPlaceDecode
 from llmserve.runners.kv_store import Arena, SlotStore
 
 # When a decode batch is repacked instead of changed in place: more holes than this (beyond a
@@ -86,7 +87,11 @@ class PastPresentRunner:
     _arenas: list[Arena]  # 0 and 1: the live decode batch's past/present, alternating; 2 and 3: other calls
     _kv_shape: tuple[int, int]
     _live: LiveDecode | None
-    # How the calls went (tests, profiling): "continued" (live steps), "joined" and "left" (sequences
+    # The decode batch of a graph that writes K/V in place (`_init_in_place`), when the runner has one:
+    # then every decode goes through it and `_live` stays None.
+    _in_place: InPlaceDecode | None = None
+    # How the calls went (tests, profiling): "continued" (live steps), "in_place" (in-place decode steps),
+    # "compacted" (in-place batches compacted), "joined" and "left" (sequences
     # that joined or left the live batch in place), "repacked" (live batches rebuilt), "packed",
     # "packed_prefill" (unpadded prompt passes).
     calls: Counter[str]
@@ -107,6 +112,12 @@ class PastPresentRunner:
             return self._run_packed_prefill(slots, token_ids, lens)
         ids = torch.tensor([[*[0] * (T - len(t)), *t] for t in token_ids] if min(lens) != T else token_ids)
         validate_token_ids(ids, self.vocab_size)
+        if self._in_place is not None:
+            if T == 1 and any(starts):
+                return self._in_place.step(slots, ids, starts)
+            self._in_place.leave(slots, starts)
+            self.calls["packed"] += 1
+            return self._run_packed(slots, ids, starts, lens, decode=False)
         live = self._live
         decode = T == 1 and (live is None or any(starts))  # one-token prompts (all at 0) are a prefill
         if decode and live is not None:
@@ -125,6 +136,8 @@ class PastPresentRunner:
     def release(self, slot: int) -> None:
         """The slot's K/V is no longer needed (its sequence finished): a live row holding it becomes
         a hole without being written to the store."""
+        if self._in_place is not None:
+            self._in_place.release(slot)
         live = self._live
         if live is not None and slot in live.rows:
             self._vacate(live, [live.rows.index(slot)], [False])
@@ -147,9 +160,17 @@ class PastPresentRunner:
         self._live = None
         self.calls = Counter()
 
+    def _init_in_place(self, capacity: int, device: str | torch.device = "cpu") -> None:
+        """Decode through the in-place graph (`_run_in_place`) from now on; after `_init_kv`."""
+        self._in_place = InPlaceDecode(self.store, self._run_in_place, capacity=capacity, kv_shape=self._kv_shape,
+                                       calls=self.calls, device=device)
+        self.kv_cache_bytes = self.store.nbytes + self._in_place.nbytes
+
     def _leave_live(self, slots: list[int], starts: list[int]) -> None:
         """The rows of the slots a call other than a decode touches leave the live batch (their K/V
         stored when the call continues it)."""
+        if self._in_place is not None:
+            self._in_place.leave(slots, starts)
         live = self._live
         if live is None:
             return
@@ -287,6 +308,11 @@ class PastPresentRunner:
                             lens: list[int]) -> torch.Tensor:
         """Ragged prompts from empty caches in one unpadded pass, their K/V written to the store
         (runners whose `packs_prefill` is set). Returns float32 logits [B, vocab]."""
+        raise NotImplementedError
+
+    def _run_in_place(self, ids: torch.Tensor, positions: torch.Tensor, seqlens_k: torch.Tensor,
+                      total_sequence_length: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
+        """Run the in-place decode graph (runners that call `_init_in_place`): see `RunInPlace`."""
         raise NotImplementedError
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor],
