@@ -38,7 +38,6 @@ class InPlaceDecode:
     def __init__(self, store: SlotStore, run: RunInPlace, *, capacity: int, kv_shape: tuple[int, int],
                  calls: Counter[str], device: str | torch.device = "cpu") -> None:
         self.store = store
-        self.capacity = capacity
         self._run = run
         self._row_shape = (kv_shape[0], capacity, kv_shape[1])
         self._arena = Arena(len(store.tensors), device=device)
@@ -118,7 +117,7 @@ class InPlaceDecode:
             self.rows[row], self.lengths[row], self.stored[row] = slot, start, start
             placed.append((row, slot, start))
         kv = self._kv(len(self.rows))
-        for row, slot, start in placed:
+        for row, slot, start in placed:  # left aligned (`SlotStore.gather` right-aligns for past/present)
             for dst, src in zip(kv, self.store.tensors):
                 dst[row, :, :start] = src[slot, :, :start]
         self.calls["joined"] += len(placed)
@@ -129,7 +128,10 @@ class InPlaceDecode:
         for row in rows:
             self.rows[row], self.lengths[row], self.stored[row] = None, 0, 0
         self.calls["left"] += len(rows)
-        while self.rows and self.rows[-1] is None:  # holes at the end are dropped
+        self._drop_trailing_holes()
+
+    def _drop_trailing_holes(self) -> None:
+        while self.rows and self.rows[-1] is None:
             self.rows.pop()
             self.lengths.pop()
             self.stored.pop()
@@ -139,12 +141,11 @@ class InPlaceDecode:
         rows = [row for row in rows if self.lengths[row] > self.stored[row]]
         if not rows:
             return
-        kv = self._kv(len(self.rows))
+        firsts = [self.stored[row] for row in rows]
+        self.store.scatter(self._kv(len(self.rows)), [self.rows[row] for row in rows], firsts,
+                           [self.lengths[row] - first for row, first in zip(rows, firsts)], firsts, rows=rows)
         for row in rows:
-            slot, first, end = self.rows[row], self.stored[row], self.lengths[row]
-            for src, dst in zip(kv, self.store.tensors):
-                dst[slot, :, first:end] = src[row, :, first:end]
-            self.stored[row] = end
+            self.stored[row] = self.lengths[row]
 
     def _compact(self, order: list[int]) -> list[int]:
         """Move live rows from the end into the holes; `order` (call index -> row) updated."""
@@ -163,9 +164,6 @@ class InPlaceDecode:
             self.rows[hole], self.lengths[hole], self.stored[hole] = self.rows[last], n, self.stored[last]
             self.rows[last], self.lengths[last], self.stored[last] = None, 0, 0
             moved[last] = hole
-        while self.rows and self.rows[-1] is None:
-            self.rows.pop()
-            self.lengths.pop()
-            self.stored.pop()
+        self._drop_trailing_holes()
         self.calls["compacted"] += 1
         return [moved.get(row, row) for row in order]
